@@ -1,0 +1,3 @@
+from disback.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The `disback` command: one sub-command per stage, plus demo, sample, report and list.
+
+User errors (DisbackError) print one line, `error: ...`, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from disback.errors import DisbackError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="toy2d", help="preset name or a .yaml file (default: toy2d)")
+    p.add_argument("--config", help="a YAML file merged over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value, e.g. --set distill.steps=500 (repeatable)")
+    p.add_argument("--data", help="built-in data set (ring8, grid25, moons, swissroll, checkerboard) or an .npy/.csv file of N x D points")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disback", description="Distill a diffusion model into a one-step generator with Distribution Backtracking.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job: teacher, degradation path, DisBack and the baseline, report")
+    _common(p)
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+
+    p = sub.add_parser("teacher", help="train a teacher denoiser on the data")
+    _common(p)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("degrade", help="stage 1: record the degradation path from a teacher")
+    _common(p)
+    p.add_argument("--teacher", required=True, help="teacher.safetensors or the folder holding it")
+    p.add_argument("--out", required=True, help="folder for manifest.json and the node files")
+
+    for name, text in (("backtrack", "stage 2: distill along the reversed degradation path"),
+                       ("distill", "the baseline: plain score distillation from the teacher")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--teacher", required=True, help="teacher.safetensors or the folder holding it")
+        if name == "backtrack":
+            p.add_argument("--path", required=True, help="a degradation path folder (from `disback degrade`)")
+        p.add_argument("--out", required=True)
+
+    p = sub.add_parser("sample", help="draw samples from a teacher (Heun) or a generator (one step)")
+    p.add_argument("model", help="a .safetensors file written by disback (teacher, node or generator)")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=35, help="Heun steps for a denoiser (ignored for a generator)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="an .npy file, in the data's own units")
+    p.add_argument("--plot", help="also write a scatter plot (.png)")
+
+    p = sub.add_parser("report", help="rewrite report.md and the plots of a demo folder")
+    p.add_argument("run", help="a folder written by `disback demo`")
+
+    sub.add_parser("list", help="list presets and built-in data sets")
+    return parser
+
+
+def _config(args: argparse.Namespace, data_default: str | None = None):
+    from disback.config import build_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    data = args.data or data_default
+    if data:
+        overrides.setdefault("data", {})["name"] = data
+    return build_config(args.preset, args.config, overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from disback import stages
+    from disback.data import load_points
+
+    show = not args.quiet if hasattr(args, "quiet") else True
+    if args.command == "demo":
+        from disback.demo import run_demo
+        from disback.report import write_report
+
+        cfg = _config(args)
+        run_demo(cfg, Path(args.out), show)
+        data = load_points(cfg.data, cfg.seed)
+        print(write_report(Path(args.out), data.reference))
+        print(f"\nreport: {Path(args.out) / 'report.md'}")
+    elif args.command == "teacher":
+        cfg = _config(args)
+        path = stages.train_teacher(cfg, load_points(cfg.data, cfg.seed), Path(args.out), show)
+        print(f"teacher: {path}")
+    elif args.command == "degrade":
+        cfg = _config(args)
+        path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show)
+        print(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
+    elif args.command in ("backtrack", "distill"):
+        _, meta = stages.load_teacher(Path(args.teacher))
+        cfg = _config(args, data_default=meta["data"])
+        teacher_file = stages.resolve_teacher(Path(args.teacher))
+        path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
+        result = stages.distill(cfg, load_points(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show)
+        final = result["records"][-1]
+        print(f"generator: {Path(args.out) / 'generator.safetensors'}  final swd {final['swd']:.4g}  mmd {final['mmd']:.4g}")
+    elif args.command == "sample":
+        stages.sample_to_file(Path(args.model), args.n, args.steps, args.seed, Path(args.out), args.plot)
+        print(f"samples: {args.out}")
+    elif args.command == "report":
+        from disback.report import write_report
+
+        print(write_report(Path(args.run)))
+    elif args.command == "list":
+        from disback.config import preset_names
+        from disback.data import builtin_names
+
+        print("presets:", ", ".join(preset_names()))
+        print("data:", ", ".join(builtin_names()), "(or a path to an .npy/.csv file of N x D points)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except DisbackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

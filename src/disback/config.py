@@ -1,0 +1,239 @@
+"""Typed configuration. Values live in YAML presets (``disback/presets``); this module only gives them types
+and checks them, so a misspelt key or an out-of-range value fails before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from disback.errors import DisbackError
+
+
+@dataclass
+class DataConfig:
+    name: str  # a built-in data set (see `disback data`) or a path to an .npy / .csv file
+    n_train: int  # points drawn once from a built-in distribution for training
+    n_eval: int  # reference points and generator samples per evaluation
+
+
+@dataclass
+class NetworkConfig:
+    kind: str  # "mlp"
+    hidden: int
+    depth: int
+    emb_dim: int
+
+
+@dataclass
+class EDMConfig:
+    sigma_data: float  # data are standardised to unit scale, so 1.0 fits every point set
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    p_mean: float  # ln(sigma) ~ N(p_mean, p_std^2) in the denoising score matching loss
+    p_std: float
+
+
+@dataclass
+class TeacherConfig:
+    steps: int
+    batch: int
+    lr: float
+    ema_decay: float
+    heun_steps: int  # steps of the EDM Heun sampler when the teacher is sampled
+
+
+@dataclass
+class DegradeConfig:
+    steps: int  # K_1: fine-tuning steps of the teacher copy on initial-generator samples
+    nodes: int  # N: nodes after the teacher; the path holds N + 1
+    batch: int
+    lr: float
+
+
+@dataclass
+class DistillConfig:
+    steps: int  # generator steps ("iterations")
+    batch: int
+    lr_generator: float
+    lr_fake: float
+    fake_updates: int  # fake-score updates per generator update
+    sigma_g: float  # the generator is one denoiser call at this noise level
+    switch_every: int  # M: generator steps between target switches
+    sigma_min: float  # noise levels of the generator loss, spread on the Karras schedule
+    sigma_max: float
+
+
+@dataclass
+class EvalConfig:
+    every: int  # evaluate every this many iterations
+    projections: int  # directions of the sliced Wasserstein distance
+    threshold_factor: float  # "converged" = SWD at most this times the teacher's
+
+
+@dataclass
+class Config:
+    seed: int
+    data: DataConfig
+    network: NetworkConfig
+    edm: EDMConfig
+    teacher: TeacherConfig
+    degrade: DegradeConfig
+    distill: DistillConfig
+    eval: EvalConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        _check(self)
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("disback.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset by name (``toy2d``) or a YAML file the user wrote."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise DisbackError(f"config file {path} does not exist")
+        return _read_yaml(path.read_text(), str(path))
+    names = preset_names()
+    if name_or_path not in names:
+        hint = difflib.get_close_matches(name_or_path, names, n=1)
+        raise DisbackError(
+            f"unknown preset '{name_or_path}'"
+            + (f"; did you mean '{hint[0]}'?" if hint else "")
+            + f" Presets: {', '.join(names)}, or a path to a .yaml file."
+        )
+    return _read_yaml(resources.files("disback.presets").joinpath(f"{name_or_path}.yaml").read_text(), name_or_path)
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise DisbackError(f"{where} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise DisbackError(f"{where} must hold a mapping of sections (data:, teacher:, ...), not {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["distill.steps=500", "seed=3"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DisbackError(f"--set expects KEY=VALUE (e.g. distill.steps=500), got '{item}'")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def build_config(preset: str = "toy2d", config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Preset, then the user's YAML file, then command-line overrides; typed and validated."""
+    raw = load_preset(preset)
+    if config_file:
+        raw = merge(raw, load_preset(config_file))
+    if overrides:
+        raw = merge(raw, overrides)
+    return from_dict(Config, raw, "").validate()
+
+
+def from_dict(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, naming any unknown, missing or mistyped key."""
+    label = where or "the config"
+    if not isinstance(raw, dict):
+        raise DisbackError(f"{label} must be a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            raise DisbackError(
+                f"unknown key '{_join(where, key)}'"
+                + (f"; did you mean '{_join(where, hint[0])}'?" if hint else "")
+                + f" Valid keys here: {', '.join(names)}."
+            )
+    values = {}
+    for name in names:
+        if name not in raw:
+            raise DisbackError(f"missing key '{_join(where, name)}' in the config")
+        values[name] = _coerce(hints[name], raw[name], _join(where, name))
+    return cls(**values)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, where)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise DisbackError(f"'{where}' must be {kind.__name__}, got {value!r}")
+
+
+# ---------------------------------------------------------------- range checks
+
+_POSITIVE = {
+    "data": ["n_train", "n_eval"],
+    "network": ["hidden", "depth", "emb_dim"],
+    "edm": ["sigma_data", "sigma_min", "sigma_max", "rho", "p_std"],
+    "teacher": ["steps", "batch", "lr", "heun_steps"],
+    "degrade": ["steps", "nodes", "batch", "lr"],
+    "distill": ["steps", "batch", "lr_generator", "lr_fake", "sigma_g", "switch_every", "sigma_min", "sigma_max"],
+    "eval": ["every", "projections", "threshold_factor"],
+}
+
+
+def _check(cfg: Config) -> None:
+    for section, keys in _POSITIVE.items():
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            if not value > 0:
+                raise DisbackError(f"'{section}.{key}' must be positive, got {value}; e.g. --set {section}.{key}=...")
+    if not 0.0 <= cfg.teacher.ema_decay < 1.0:
+        raise DisbackError(f"'teacher.ema_decay' must be in [0, 1), got {cfg.teacher.ema_decay}")
+    if cfg.distill.fake_updates < 0:
+        raise DisbackError(f"'distill.fake_updates' must be 0 or more, got {cfg.distill.fake_updates}")
+    if cfg.degrade.nodes > cfg.degrade.steps:
+        raise DisbackError(
+            f"'degrade.nodes' ({cfg.degrade.nodes}) cannot exceed 'degrade.steps' ({cfg.degrade.steps}): "
+            "each node needs at least one training step"
+        )
+    for section in (cfg.edm, cfg.distill):
+        if section.sigma_min >= section.sigma_max:
+            raise DisbackError(f"sigma_min ({section.sigma_min}) must be below sigma_max ({section.sigma_max})")
+    if cfg.network.kind != "mlp":
+        raise DisbackError(f"'network.kind' must be 'mlp' for point data, got '{cfg.network.kind}'")
+    if cfg.data.n_eval < 10:
+        raise DisbackError(f"'data.n_eval' must be at least 10, got {cfg.data.n_eval}")

@@ -1,0 +1,109 @@
+"""The main job: teacher -> degradation path -> DisBack and the baseline, same seeds and budgets -> report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from disback import stages
+from disback.config import Config
+from disback.data import load_points
+from disback.errors import DisbackError
+from disback.weights import write_json
+
+MARKER = "run.json"
+OUTPUTS = ("teacher", "path", "disback", "baseline")
+
+
+def prepare_out(out: Path) -> None:
+    """A demo folder may be rerun; a folder that holds anything else is refused rather than overwritten."""
+    if out.exists() and any(out.iterdir()):
+        marker = out / MARKER
+        if not marker.is_file() or json.loads(marker.read_text()).get("kind") != "demo":
+            raise DisbackError(f"{out} is not empty and was not made by `disback demo`; choose another --out")
+        for name in OUTPUTS:
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MARKER, {"kind": "demo"})
+
+
+def first_reaching(curve: list[dict], key: str, threshold: float) -> dict | None:
+    return next((r for r in curve if r[key] <= threshold), None)
+
+
+def curve_of(records: list[dict]) -> list[dict]:
+    keep = ("iteration", "wall_s", "target_node", "swd", "mmd", "modes", "high_quality")
+    return [{k: r[k] for k in keep if k in r} for r in records]
+
+
+def speedup(cfg: Config, teacher_swd: float, disback: dict, baseline: dict) -> dict[str, Any]:
+    """Iterations (generator steps) and wall time to reach threshold_factor x the teacher's SWD."""
+    threshold = cfg.eval.threshold_factor * teacher_swd
+    hit_d = first_reaching(disback["curve"], "swd", threshold)
+    hit_b = first_reaching(baseline["curve"], "swd", threshold)
+    out: dict[str, Any] = {
+        "threshold_factor": cfg.eval.threshold_factor,
+        "threshold_swd": threshold,
+        "iterations_disback": hit_d["iteration"] if hit_d else None,
+        "iterations_baseline": hit_b["iteration"] if hit_b else None,
+        "iterations_disback_with_stage1": hit_d["iteration"] + disback["stage1_steps"] if hit_d else None,
+        "wall_s_disback_with_stage1": hit_d["wall_s"] + disback["stage1_wall_s"] if hit_d else None,
+        "wall_s_baseline": hit_b["wall_s"] if hit_b else None,
+    }
+    # A ratio needs both runs to have trained to get there (at iteration 0 the two generators are the same one).
+    if hit_d and hit_b and hit_d["iteration"] > 0 and hit_b["iteration"] > 0:
+        out["speedup_iterations"] = hit_b["iteration"] / hit_d["iteration"]
+        out["speedup_with_stage1"] = hit_b["iteration"] / out["iterations_disback_with_stage1"]
+        out["speedup_wall_with_stage1"] = hit_b["wall_s"] / out["wall_s_disback_with_stage1"]
+    return out
+
+
+def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    prepare_out(out)
+    stages.write_config(cfg, out)
+    data = load_points(cfg.data, cfg.seed)
+    measure = stages.metrics_for(cfg, data)
+
+    teacher_file = stages.train_teacher(cfg, data, out / "teacher", show_progress)
+    teacher = measure(np.load(out / "teacher" / "samples.npy"))
+
+    started = time.perf_counter()
+    path = stages.record_path(cfg, teacher_file, out / "path", show_progress)
+    stage1_wall = time.perf_counter() - started
+    stage1_steps = path.nodes[-1].step
+
+    runs: dict[str, dict[str, Any]] = {}
+    for name, run_path in (("disback", path), ("baseline", None)):
+        result = stages.distill(cfg, data, teacher_file, run_path, out / name, show_progress)
+        runs[name] = {"curve": curve_of(result["records"]), "switches": result["switches"], "nodes": result["nodes"]}
+        runs[name]["final"] = {k: v for k, v in runs[name]["curve"][-1].items() if k not in ("iteration", "wall_s", "target_node")}
+    runs["disback"].update(stage1_steps=stage1_steps, stage1_wall_s=round(stage1_wall, 3))
+
+    summary = {
+        "data": data.name,
+        "measure": "swd",
+        "seed": cfg.seed,
+        "teacher": teacher,
+        "initial_generator": {k: v for k, v in runs["baseline"]["curve"][0].items() if k in teacher},
+        "budgets": {
+            "teacher_steps": cfg.teacher.steps,
+            "stage1_steps": stage1_steps,
+            "nodes": len(path),
+            "generator_steps": cfg.distill.steps,
+            "fake_updates_per_generator_step": cfg.distill.fake_updates,
+            "switch_every": cfg.distill.switch_every,
+            "batch": cfg.distill.batch,
+            "eval_every": cfg.eval.every,
+            "eval_samples": cfg.data.n_eval,
+        },
+        "runs": runs,
+        "speedup": speedup(cfg, teacher["swd"], runs["disback"], runs["baseline"]),
+    }
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,226 @@
+"""The stages of the main job, each reading and writing files so that it can run alone:
+
+train_teacher   data -> teacher.safetensors
+record_path     teacher -> degradation path (stage 1, Degradation Recording)
+distill         teacher + path -> generator.safetensors (stage 2, Distribution Backtracking; the baseline when the
+                path is the teacher alone)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from disback.config import Config
+from disback.data import PointData
+from disback.errors import DisbackError
+from disback.metrics import PointMetrics
+from disback.models import build_denoiser, denoiser_metadata, generator_from_teacher, load_model
+from disback.path import DegradationPath, TargetSchedule
+from disback.sampling import heun_sample, karras_schedule
+from disback.tasks import Distillation, ScoreFitting
+from disback.train import MetricsLog, train_loop
+from disback.weights import save_weights, sha256_file, write_text
+
+_ACCELERATOR: Accelerator | None = None
+
+
+def accelerator() -> Accelerator:
+    """One Accelerator per process (Accelerate keeps global state); one process here, many under accelerate launch."""
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        _ACCELERATOR = Accelerator()
+    return _ACCELERATOR
+
+
+def write_config(cfg: Config, out: Path) -> None:
+    write_text(Path(out) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def eval_noise(cfg: Config, dim: int) -> torch.Tensor:
+    """The same latent noise for every evaluation of every run, so curves differ only by the networks."""
+    return torch.randn(cfg.data.n_eval, dim, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+
+
+def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: PointData) -> np.ndarray:
+    sigmas = karras_schedule(cfg.teacher.heun_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho)
+    z = eval_noise(cfg, data.dim).to(next(teacher.parameters()).device)
+    return data.from_model(heun_sample(teacher.eval(), z, sigmas))
+
+
+def metrics_for(cfg: Config, data: PointData) -> PointMetrics:
+    return PointMetrics(data.reference, cfg.eval.projections, data.modes, data.mode_std)
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def train_teacher(cfg: Config, data: PointData, out: Path, show_progress: bool = True) -> Path:
+    """Fit a teacher D_theta to the data with L_dsm and an EMA; write teacher.safetensors and its samples."""
+    out = Path(out)
+    set_seed(cfg.seed)
+    acc = accelerator()
+    write_config(cfg, out)
+    points = data.to_model(data.train).to(acc.device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+    def source(n: int) -> torch.Tensor:
+        return points[torch.randint(len(points), (n,), generator=gen)]
+
+    denoiser = build_denoiser(cfg.network, data.dim, cfg.edm.sigma_data)
+    task = ScoreFitting(denoiser, source, batch=cfg.teacher.batch, lr=cfg.teacher.lr, edm=cfg.edm, accelerator=acc,
+                        stage="teacher", ema_decay=cfg.teacher.ema_decay)
+    train_loop(task, cfg.teacher.steps, log=MetricsLog(out / "metrics.jsonl"), eval_every=max(cfg.teacher.steps // 20, 1),
+               evaluate=lambda: {}, show_progress=show_progress)
+    teacher = task.ema
+    samples = teacher_samples(teacher, cfg, data)
+    np.save(out / "samples.npy", samples)
+    meta = denoiser_metadata(cfg.network, data.dim, cfg.edm, data.normaliser(), data.name)
+    path = out / "teacher.safetensors"
+    save_weights(teacher, path, meta)
+    return path
+
+
+def resolve_teacher(path: Path) -> Path:
+    """Accept the teacher's file or the folder that `disback teacher` wrote."""
+    path = Path(path)
+    return path / "teacher.safetensors" if path.is_dir() else path
+
+
+def load_teacher(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    path = resolve_teacher(path)
+    model, meta = load_model(path)
+    if meta["kind"] != "denoiser":
+        raise DisbackError(f"{path} is a {meta['kind']}, not a teacher denoiser")
+    return model, meta
+
+
+def check_data_matches(data: PointData, meta: dict[str, Any], where: Path) -> None:
+    """Networks see standardised points: use the teacher's standardisation, and refuse data of another dimension."""
+    if meta["dim"] != data.dim:
+        raise DisbackError(f"the teacher {where} was trained on {meta['dim']}-D points but the data '{data.name}' is {data.dim}-D")
+    data.mean = np.asarray(meta["normaliser"]["mean"], dtype=np.float64)
+    data.scale = float(meta["normaliser"]["scale"])
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+class PathRecorder:
+    """A loop callback that saves a node every ``every`` steps (node 0, the teacher, is saved before training)."""
+
+    def __init__(self, path: DegradationPath, model: torch.nn.Module, every: int, metadata: dict[str, Any]):
+        self.path, self.model, self.every, self.metadata = path, model, every, metadata
+
+    def on_step_end(self, step: int, task) -> None:
+        if step % self.every == 0:
+            self.path.add_node(self.model, step, self.metadata)
+
+
+def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool = True) -> DegradationPath:
+    """Degradation Recording: fine-tune a copy of the teacher on samples of the frozen initial generator."""
+    out = Path(out)
+    set_seed(cfg.seed + 1)
+    acc = accelerator()
+    teacher_file = resolve_teacher(teacher_file)
+    teacher, meta = load_teacher(teacher_file)
+    generator0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False).to(acc.device)
+    dim = meta["dim"]
+
+    def source(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return generator0(torch.randn(n, dim, device=acc.device))
+
+    config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
+    path = DegradationPath.create(out, config)
+    degrading = copy.deepcopy(teacher).requires_grad_(True)  # psi starts at theta
+    path.add_node(degrading, 0, meta)
+    task = ScoreFitting(degrading, source, batch=cfg.degrade.batch, lr=cfg.degrade.lr, edm=cfg.edm, accelerator=acc, stage="degrade")
+    every = cfg.degrade.steps // cfg.degrade.nodes
+    steps = every * cfg.degrade.nodes  # exactly N nodes after the teacher
+    recorder = PathRecorder(path, degrading, every, meta)
+    train_loop(task, steps, callbacks=[recorder], log=MetricsLog(out / "metrics.jsonl"), eval_every=every,
+               evaluate=lambda: {}, show_progress=show_progress)
+    return path
+
+
+def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
+    path = DegradationPath.load(path_dir)
+    recorded = path.config.get("teacher_sha256")
+    if recorded is not None and recorded != sha256_file(teacher_file):
+        raise DisbackError(f"the path {path_dir} was recorded from another teacher than {teacher_file}; record it again")
+    return path
+
+
+# ---------------------------------------------------------------- stage 2 and the baseline
+
+
+def distill(cfg: Config, data: PointData, teacher_file: Path, path: DegradationPath | None, out: Path,
+            show_progress: bool = True) -> dict[str, Any]:
+    """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node)."""
+    out = Path(out)
+    teacher_file = resolve_teacher(teacher_file)
+    stage = "distill" if path is None else "backtrack"
+    if path is None:
+        path = DegradationPath.teacher_only(teacher_file, sha256_file(teacher_file))
+    set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
+    acc = accelerator()
+    write_config(cfg, out)
+    teacher, meta = load_teacher(teacher_file)
+    check_data_matches(data, meta, teacher_file)
+    generator = generator_from_teacher(teacher, cfg.distill.sigma_g)
+    fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    schedule = TargetSchedule(len(path), cfg.distill.switch_every)
+    task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, dim=data.dim,
+                        accelerator=acc, stage=stage)
+    measure = metrics_for(cfg, data)
+    z = eval_noise(cfg, data.dim).to(acc.device)
+
+    def evaluate() -> dict[str, float]:
+        with torch.no_grad():
+            return measure(data.from_model(generator(z)))
+
+    started = time.time()
+    records = train_loop(task, cfg.distill.steps, evaluate=evaluate, eval_every=cfg.eval.every,
+                         log=MetricsLog(out / "metrics.jsonl"), show_progress=show_progress)
+    with torch.no_grad():
+        np.save(out / "samples.npy", data.from_model(generator(z)))
+    save_weights(generator, out / "generator.safetensors", {**meta, "kind": "generator", "sigma_g": cfg.distill.sigma_g})
+    save_weights(fake, out / "fake.safetensors", meta)
+    return {"records": records, "switches": task.switches, "elapsed_s": time.time() - started, "nodes": len(path)}
+
+
+# ---------------------------------------------------------------- sampling a saved model
+
+
+def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, plot: str | None = None) -> np.ndarray:
+    """Samples in the data's units: Heun for a denoiser (teacher or node), one call for a generator."""
+    if n < 1 or steps < 1:
+        raise DisbackError("--n and --steps must be positive")
+    model, meta = load_model(Path(model_file))
+    z = torch.randn(n, meta["dim"], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        if meta["kind"] == "generator":
+            x = model(z)
+        else:
+            edm = meta["edm"]
+            x = heun_sample(model.eval(), z, karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"]))
+    norm = meta["normaliser"]
+    points = x.double().numpy() * norm["scale"] + np.asarray(norm["mean"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, points)
+    if plot:
+        from disback.report import scatter
+
+        scatter(points, Path(plot), title=f"{meta['kind']} samples ({n})")
+    return points

@@ -1,0 +1,106 @@
+"""Weights on disk: safetensors only, written atomically, loaded with exact key and shape matching.
+
+The original DisBack release loaded node files with strict=False into a model whose keys did not match, so nothing
+was loaded and no error was raised. Here every load compares keys and shapes first and names what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from disback.errors import DisbackError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_weights(module: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> str:
+    """Save a module's state dict as safetensors; metadata (JSON) goes in the file's header. Returns its sha256."""
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    meta = {"disback": json.dumps(metadata or {})}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return sha256_file(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise DisbackError(f"model file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DisbackError(f"{path} is not a readable safetensors file ({exc})") from None
+    return json.loads(meta.get("disback", "{}"))
+
+
+def load_weights(module: nn.Module, path: Path, sha256: str | None = None) -> None:
+    """Load ``path`` into ``module`` exactly: the sha256 (when given), every key and every shape must match."""
+    path = Path(path)
+    if not path.is_file():
+        raise DisbackError(f"weights file {path} does not exist")
+    if sha256 is not None and (actual := sha256_file(path)) != sha256:
+        raise DisbackError(f"{path} is corrupted or was replaced: sha256 {actual[:12]}... != recorded {sha256[:12]}...")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DisbackError(f"{path} is not a readable safetensors file ({exc})") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise DisbackError(
+            f"{path} does not match the model: "
+            + "; ".join(
+                part
+                for part in (
+                    f"{len(missing)} missing keys (e.g. {missing[:3]})" if missing else "",
+                    f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})" if unexpected else "",
+                    f"shape mismatch ({'; '.join(shapes[:3])})" if shapes else "",
+                )
+                if part
+            )
+            + ". Was it written for a different network config?"
+        )
+    module.load_state_dict(state, strict=True)

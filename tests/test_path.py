@@ -1,0 +1,160 @@
+"""The degradation path and the target schedule: the two places where the original release went wrong."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from disback import stages
+from disback.data import load_points
+from disback.errors import DisbackError
+from disback.models import build_denoiser, generator_from_teacher, load_model
+from disback.path import DegradationPath, TargetSchedule
+from disback.tasks import Distillation, ScoreFitting
+from disback.train import train_loop
+from disback.weights import load_weights, save_weights, sha256_file
+
+from conftest import tiny_config
+
+
+def _equal(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    own = module.state_dict()
+    return own.keys() == state.keys() and all(torch.equal(own[k].cpu(), state[k]) for k in own)
+
+
+class Snapshots:
+    """A loop callback that copies the model's weights after every step, independently of the recorder."""
+
+    def __init__(self, model):
+        self.model, self.states = model, {}
+
+    def on_step_end(self, step, task):
+        self.states[step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def test_recorder_writes_n_plus_one_nodes_matching_sha_and_the_model_at_their_step(tiny_teacher, tmp_path):
+    teacher_file, cfg = tiny_teacher
+    teacher, meta = load_model(teacher_file)
+    degrading = copy.deepcopy(teacher).requires_grad_(True)
+    gen0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False)
+    path = DegradationPath.create(tmp_path / "path", {})
+    path.add_node(degrading, 0, meta)
+    task = ScoreFitting(degrading, lambda n: gen0(torch.randn(n, 2)), batch=32, lr=1e-3, edm=cfg.edm,
+                        accelerator=stages.accelerator(), stage="degrade")
+    snaps = Snapshots(degrading)
+    train_loop(task, 12, callbacks=[stages.PathRecorder(path, degrading, 4, meta), snaps], show_progress=False)
+
+    reloaded = DegradationPath.load(tmp_path / "path")
+    assert [n.index for n in reloaded.nodes] == [0, 1, 2, 3]
+    assert [n.step for n in reloaded.nodes] == [0, 4, 8, 12]
+    for node in reloaded.nodes:
+        file = tmp_path / "path" / node.file
+        assert sha256_file(file) == node.sha256
+        expected = teacher.state_dict() if node.step == 0 else snaps.states[node.step]
+        state = load_file(str(file))
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in state), f"node {node.index} differs from the model at step {node.step}"
+    # The model kept training after a node was saved: consecutive nodes must differ.
+    a, b = load_file(str(tmp_path / "path" / reloaded.nodes[1].file)), load_file(str(tmp_path / "path" / reloaded.nodes[2].file))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_record_path_stage_makes_the_configured_number_of_nodes(tiny_teacher, tmp_path):
+    teacher_file, cfg = tiny_teacher
+    path = stages.record_path(cfg, teacher_file, tmp_path / "path", show_progress=False)
+    assert len(path) == cfg.degrade.nodes + 1
+    manifest = DegradationPath.load(tmp_path / "path")
+    assert manifest.config["teacher_sha256"] == sha256_file(teacher_file)
+    assert manifest.nodes[-1].step == cfg.degrade.steps
+    teacher, _ = load_model(teacher_file)
+    node0, _ = load_model(tmp_path / "path" / manifest.nodes[0].file)
+    assert _equal(node0, teacher.state_dict())
+
+
+def test_target_schedule_order_and_dwell():
+    s = TargetSchedule(num_nodes=5, every=3)
+    visited = [s.current]
+    for _ in range(30):
+        if s.step():
+            visited.append(s.current)
+    assert visited == [3, 2, 1, 0]
+    assert s.at_teacher
+    one = TargetSchedule(num_nodes=1, every=1)
+    assert one.current == 0 and not any(one.step() for _ in range(5))
+
+
+def _distinct_path(root, cfg, n_nodes):
+    """A path whose every node has different weights, so that a wrong or missing load is visible."""
+    model = build_denoiser(cfg.network, 2, cfg.edm.sigma_data)
+    path = DegradationPath.create(root, {})
+    for i in range(n_nodes):
+        torch.manual_seed(100 + i)
+        for p in model.parameters():
+            p.data.normal_(0, 0.1)
+        path.add_node(model, i * 10, {})
+    return path, model
+
+
+def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exactly(tmp_path):
+    cfg = tiny_config(distill={"switch_every": 3, "steps": 20})
+    path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=5)
+    node_states = {n.index: load_file(str(tmp_path / "path" / n.file)) for n in path.nodes}
+    generator = generator_from_teacher(model, cfg.distill.sigma_g)
+    fake, target = copy.deepcopy(model), copy.deepcopy(model)
+    task = Distillation(generator, fake, target, path, TargetSchedule(len(path), 3), cfg=cfg.distill, edm=cfg.edm,
+                        dim=2, accelerator=stages.accelerator(), stage="backtrack")
+    assert _equal(fake, node_states[4]), "the fake score must start at the last node"
+
+    seen = []
+
+    class Watch:
+        def on_step_end(self, step, t):
+            node = t.target_node()
+            seen.append(node)
+            assert _equal(t.target, node_states[node]), f"target at step {step} is not node {node}'s file"
+
+    assert _equal(task.target, node_states[3])
+    train_loop(task, 20, callbacks=[Watch()], show_progress=False)
+    visits = [n for i, n in enumerate(seen) if i == 0 or seen[i - 1] != n]
+    assert visits[0] == 3 and visits == [3, 2, 1, 0], visits
+    assert seen[-1] == 0 and task.schedule.at_teacher
+    assert task.switches == [3, 6, 9]
+
+
+def test_loading_a_node_whose_keys_do_not_match_fails_loudly(tmp_path):
+    cfg = tiny_config()
+    model = build_denoiser(cfg.network, 2, cfg.edm.sigma_data)
+    # The original release's node files: the whole guidance model, keys prefixed by its submodule names.
+    wrapped = {f"module.fake_unet.{k}": v.clone() for k, v in model.state_dict().items()}
+    save_file(wrapped, str(tmp_path / "node.safetensors"))
+    with pytest.raises(DisbackError, match="missing keys.*unexpected keys"):
+        load_weights(model, tmp_path / "node.safetensors")
+    wider = build_denoiser(tiny_config(network={"hidden": 48}).network, 2, cfg.edm.sigma_data)
+    save_weights(wider, tmp_path / "wide.safetensors")
+    with pytest.raises(DisbackError, match="shape mismatch"):
+        load_weights(model, tmp_path / "wide.safetensors")
+
+
+def test_a_corrupted_node_is_refused(tmp_path):
+    cfg = tiny_config()
+    path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=2)
+    file = tmp_path / "path" / path.nodes[1].file
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(DisbackError, match="sha256"):
+        DegradationPath.load(tmp_path / "path").load_node(1, model)
+
+
+def test_a_path_from_another_teacher_is_refused(tiny_teacher, tmp_path):
+    teacher_file, cfg = tiny_teacher
+    stages.record_path(cfg, teacher_file, tmp_path / "path", show_progress=False)
+    other = tmp_path / "other.safetensors"
+    teacher, meta = load_model(teacher_file)
+    torch.nn.init.zeros_(next(teacher.parameters()))
+    save_weights(teacher, other, meta)
+    with pytest.raises(DisbackError, match="another teacher"):
+        stages.load_path_for(other, tmp_path / "path")
