@@ -49,7 +49,8 @@ def test_demo_writes_report_plots_and_summary(tmp_path, capsys):
     for run in s["runs"].values():
         assert [r["iteration"] for r in run["curve"]] == [0, 10, 20, 30]
         assert all({"iteration", "wall_s", "swd", "mmd"} <= r.keys() for r in run["curve"])
-    assert s["speedup"]["threshold_swd"] == pytest.approx(1.5 * s["teacher"]["swd"])
+    assert s["speedup"]["threshold_swd"] == pytest.approx(s["speedup"]["threshold_factor"] * s["teacher"]["swd"])
+    assert set(s["speedup_by_factor"]) == {"4", "3", "2", "1.5"}
     assert "| DisBack |" in capsys.readouterr().out
     # A demo folder can be run again; a folder that holds something else is refused.
     assert main(["demo", "--out", str(out), *TINY_ARGS]) == 0
