@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # The CPU wheel of torch for this project's machines; override for a GPU build: make demo TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; without root or apt the rest still works and
+# `--preset fashion` says how to get it.
+FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test install clean
 
@@ -13,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	@test -d $(FASHION_DIR) || { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+	  || echo "note: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); only --preset fashion needs it"
 	touch $(STAMP)
 
 install: $(STAMP)

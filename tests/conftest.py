@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,10 @@ import torch
 
 from disback import stages
 from disback.config import build_config
-from disback.data import load_points
+from disback.data import load_data
+
+# The feature network of the image measure is cached; tests get a cache of their own (subprocesses inherit it).
+os.environ["DISBACK_CACHE"] = tempfile.mkdtemp(prefix="disback-test-cache-")
 
 TINY = {
     "data": {"n_train": 4000, "n_eval": 300},
@@ -46,5 +51,5 @@ def tiny_teacher(tmp_path_factory) -> tuple[Path, object]:
     # A little bigger than TINY, so that distillation has a teacher worth distilling (a few seconds).
     cfg = tiny_config(network={"hidden": 64}, teacher={"steps": 1500, "lr": 5e-3})
     out = tmp_path_factory.mktemp("teacher")
-    data = load_points(cfg.data, cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
     return stages.train_teacher(cfg, data, out, show_progress=False), cfg

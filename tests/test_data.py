@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from disback.data import MIN_ROWS, load_points, read_point_file
+from disback.data import MIN_ROWS, load_data, read_point_file
 from disback.data.toy import TOY
 from disback.errors import DisbackError
 
@@ -13,7 +13,7 @@ from conftest import tiny_config
 @pytest.mark.parametrize("name", sorted(TOY))
 def test_builtin_data_sets(name):
     cfg = tiny_config(data={"name": name})
-    data = load_points(cfg.data, 0)
+    data = load_data(cfg.data, 0)
     assert data.train.shape == (cfg.data.n_train, 2) and data.reference.shape == (cfg.data.n_eval, 2)
     z = data.to_model(data.train)
     assert abs(float(z.mean())) < 0.05 and abs(float(z.pow(2).mean()) - 1.0) < 0.05  # standardised
@@ -21,7 +21,7 @@ def test_builtin_data_sets(name):
 
 
 def test_ring_modes_are_where_the_points_are():
-    data = load_points(tiny_config(data={"name": "ring8"}).data, 0)
+    data = load_data(tiny_config(data={"name": "ring8"}).data, 0)
     assert len(data.modes) == 8
     assert np.allclose(np.linalg.norm(data.modes, axis=1), 2.0)
     dist = np.linalg.norm(data.train[:, None] - data.modes[None], axis=2).min(1)
@@ -33,7 +33,7 @@ def test_user_points_from_npy_and_csv_with_header(tmp_path):
     np.save(tmp_path / "p.npy", pts)
     (tmp_path / "p.csv").write_text("x,y\n" + "\n".join(f"{a},{b}" for a, b in pts))
     for file in ("p.npy", "p.csv"):
-        data = load_points(tiny_config(data={"name": str(tmp_path / file)}).data, 0)
+        data = load_data(tiny_config(data={"name": str(tmp_path / file)}).data, 0)
         np.testing.assert_allclose(data.train, pts)
         assert abs(float(data.to_model(data.train).std()) - 1.0) < 0.05
 
@@ -59,6 +59,6 @@ def test_bad_csv_and_unknown_names(tmp_path):
     with pytest.raises(DisbackError, match="row 2 is not numeric"):
         read_point_file(tmp_path / "bad.csv")
     with pytest.raises(DisbackError, match="did you mean 'ring8'"):
-        load_points(tiny_config(data={"name": "rign8"}).data, 0)
+        load_data(tiny_config(data={"name": "rign8"}).data, 0)
     with pytest.raises(DisbackError, match="does not exist"):
-        load_points(tiny_config(data={"name": str(tmp_path / "none.npy")}).data, 0)
+        load_data(tiny_config(data={"name": str(tmp_path / "none.npy")}).data, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from disback import stages
-from disback.data import load_points
+from disback.data import load_data
 from disback.tasks import Distillation, ScoreFitting
 from disback.train import train_loop
 
@@ -19,7 +19,7 @@ def test_baseline_and_disback_go_through_the_same_loop(tiny_teacher, tmp_path, m
         return train_loop(task, steps, **kw)
 
     monkeypatch.setattr(stages, "train_loop", spy)
-    data = load_points(cfg.data, cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
     path = stages.record_path(cfg, teacher_file, tmp_path / "path", show_progress=False)
     stages.distill(cfg, data, teacher_file, path, tmp_path / "disback", show_progress=False)
     stages.distill(cfg, data, teacher_file, None, tmp_path / "baseline", show_progress=False)
@@ -34,6 +34,6 @@ def test_distillation_improves_the_generator(tiny_teacher, tmp_path):
     """Not a benchmark: a few hundred steps must take the initial generator most of the way to the data."""
     teacher_file, cfg = tiny_teacher
     cfg = tiny_config(distill={"steps": 300, "lr_generator": 3e-4}, eval={"every": 300})
-    data = load_points(cfg.data, cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
     records = stages.distill(cfg, data, teacher_file, None, tmp_path / "run", show_progress=False)["records"]
     assert records[-1]["swd"] < 0.5 * records[0]["swd"], (records[0]["swd"], records[-1]["swd"])

@@ -27,7 +27,7 @@ class GaussianDenoiser(nn.Module):
 def test_dsm_loss_of_a_fake_score_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = build_denoiser(cfg.network, 2, 1.0)
+    model = build_denoiser(cfg.network, (2,), 1.0)
     x0 = torch.randn(256, 2) * 0.3 + torch.tensor([1.0, -1.0])
     sigma = lognormal_sigma(256, -1.2, 1.2)
     noise = torch.randn_like(x0)

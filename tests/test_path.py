@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from disback import stages
-from disback.data import load_points
+from disback.data import load_data
 from disback.errors import DisbackError
 from disback.models import build_denoiser, generator_from_teacher, load_model
 from disback.path import DegradationPath, TargetSchedule
@@ -88,7 +88,7 @@ def test_target_schedule_order_and_dwell():
 
 def _distinct_path(root, cfg, n_nodes):
     """A path whose every node has different weights, so that a wrong or missing load is visible."""
-    model = build_denoiser(cfg.network, 2, cfg.edm.sigma_data)
+    model = build_denoiser(cfg.network, (2,), cfg.edm.sigma_data)
     path = DegradationPath.create(root, {})
     for i in range(n_nodes):
         torch.manual_seed(100 + i)
@@ -105,7 +105,7 @@ def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exac
     generator = generator_from_teacher(model, cfg.distill.sigma_g)
     fake, target = copy.deepcopy(model), copy.deepcopy(model)
     task = Distillation(generator, fake, target, path, TargetSchedule(len(path), 3), cfg=cfg.distill, edm=cfg.edm,
-                        dim=2, accelerator=stages.accelerator(), stage="backtrack")
+                        shape=(2,), accelerator=stages.accelerator(), stage="backtrack")
     assert _equal(fake, node_states[4]), "the fake score must start at the last node"
 
     seen = []
@@ -126,13 +126,13 @@ def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exac
 
 def test_loading_a_node_whose_keys_do_not_match_fails_loudly(tmp_path):
     cfg = tiny_config()
-    model = build_denoiser(cfg.network, 2, cfg.edm.sigma_data)
+    model = build_denoiser(cfg.network, (2,), cfg.edm.sigma_data)
     # The original release's node files: the whole guidance model, keys prefixed by its submodule names.
     wrapped = {f"module.fake_unet.{k}": v.clone() for k, v in model.state_dict().items()}
     save_file(wrapped, str(tmp_path / "node.safetensors"))
     with pytest.raises(DisbackError, match="missing keys.*unexpected keys"):
         load_weights(model, tmp_path / "node.safetensors")
-    wider = build_denoiser(tiny_config(network={"hidden": 48}).network, 2, cfg.edm.sigma_data)
+    wider = build_denoiser(tiny_config(network={"hidden": 48}).network, (2,), cfg.edm.sigma_data)
     save_weights(wider, tmp_path / "wide.safetensors")
     with pytest.raises(DisbackError, match="shape mismatch"):
         load_weights(model, tmp_path / "wide.safetensors")

@@ -17,7 +17,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set distill.steps=500 (repeatable)")
-    p.add_argument("--data", help="built-in data set (ring8, grid25, moons, swissroll, checkerboard) or an .npy/.csv file of N x D points")
+    p.add_argument("--data", help="built-in data (ring8, grid25, moons, swissroll, checkerboard, digits, fashion), an .npy/.csv "
+                   "file of N x D points, or a folder / .npz of images")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -28,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: teacher, degradation path, DisBack and the baseline, report")
     _common(p)
+    p.add_argument("--teacher", dest="pretrained", help="distil this diffusers UNet2DModel (folder or hub id) instead of training a teacher")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
 
-    p = sub.add_parser("teacher", help="train a teacher denoiser on the data")
+    p = sub.add_parser("teacher", help="train a teacher denoiser on the data, or import a pretrained diffusers one")
     _common(p)
+    p.add_argument("--pretrained", help="a diffusers UNet2DModel + scheduler (folder or hub id) to import instead of training")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("degrade", help="stage 1: record the degradation path from a teacher")
@@ -56,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="an .npy file, in the data's own units")
     p.add_argument("--plot", help="also write a scatter plot (.png)")
 
+    p = sub.add_parser("export", help="write a one-step image generator as a diffusers pipeline folder")
+    p.add_argument("run", help="a demo folder, a distillation run folder, or a generator.safetensors")
+    p.add_argument("--out", required=True, help="the pipeline folder to create")
+
     p = sub.add_parser("report", help="rewrite report.md and the plots of a demo folder")
     p.add_argument("run", help="a folder written by `disback demo`")
 
@@ -72,12 +79,14 @@ def _config(args: argparse.Namespace, data_default: str | None = None):
     data = args.data or data_default
     if data:
         overrides.setdefault("data", {})["name"] = data
+    if getattr(args, "pretrained", None):
+        overrides.setdefault("teacher", {})["pretrained"] = args.pretrained
     return build_config(args.preset, args.config, overrides)
 
 
 def _run(args: argparse.Namespace) -> int:
     from disback import stages
-    from disback.data import load_points
+    from disback.data import load_data
 
     show = not args.quiet if hasattr(args, "quiet") else True
     if args.command == "demo":
@@ -86,12 +95,11 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = _config(args)
         run_demo(cfg, Path(args.out), show)
-        data = load_points(cfg.data, cfg.seed)
-        print(write_report(Path(args.out), data.reference))
+        print(write_report(Path(args.out), load_data(cfg.data, cfg.seed).reference))
         print(f"\nreport: {Path(args.out) / 'report.md'}")
     elif args.command == "teacher":
         cfg = _config(args)
-        path = stages.train_teacher(cfg, load_points(cfg.data, cfg.seed), Path(args.out), show)
+        path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show)
         print(f"teacher: {path}")
     elif args.command == "degrade":
         cfg = _config(args)
@@ -102,12 +110,17 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _config(args, data_default=meta["data"])
         teacher_file = stages.resolve_teacher(Path(args.teacher))
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
-        result = stages.distill(cfg, load_points(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show)
-        final = result["records"][-1]
-        print(f"generator: {Path(args.out) / 'generator.safetensors'}  final swd {final['swd']:.4g}  mmd {final['mmd']:.4g}")
+        result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show)
+        final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
+        print(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
     elif args.command == "sample":
         stages.sample_to_file(Path(args.model), args.n, args.steps, args.seed, Path(args.out), args.plot)
         print(f"samples: {args.out}")
+    elif args.command == "export":
+        from disback.export import export
+
+        out = export(Path(args.run), Path(args.out))
+        print(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}', custom_pipeline='{out}', trust_remote_code=True))")
     elif args.command == "report":
         from disback.report import write_report
 
@@ -117,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         from disback.data import builtin_names
 
         print("presets:", ", ".join(preset_names()))
-        print("data:", ", ".join(builtin_names()), "(or a path to an .npy/.csv file of N x D points)")
+        print("data:", ", ".join(builtin_names()), "(or an .npy/.csv file of N x D points, or a folder / .npz of images)")
     return 0
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -17,17 +17,24 @@ from disback.errors import DisbackError
 
 @dataclass
 class DataConfig:
-    name: str  # a built-in data set (see `disback data`) or a path to an .npy / .csv file
-    n_train: int  # points drawn once from a built-in distribution for training
-    n_eval: int  # reference points and generator samples per evaluation
+    name: str  # built-in (`disback list`), or a file / folder of the user's: .npy/.csv points, .npz or a folder of images
+    n_train: int  # points drawn once from a built-in 2-D distribution (ignored by data sets of fixed size)
+    n_eval: int  # generator samples per evaluation (and reference points for built-in 2-D data)
+    root: str = ""  # where a built-in image data set lives, if not in its usual place
+    resolution: int = 0  # images: side in pixels that every image is resized to (0 for point data)
+    channels: int = 0  # images: 1 (grayscale) or 3 (RGB) (0 for point data)
 
 
 @dataclass
 class NetworkConfig:
-    kind: str  # "mlp"
-    hidden: int
-    depth: int
-    emb_dim: int
+    kind: str  # "mlp" for points, "unet" (diffusers UNet2DModel) for images
+    hidden: int = 128  # mlp
+    depth: int = 3  # mlp
+    emb_dim: int = 32  # mlp
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # unet: block_out_channels
+    layers_per_block: int = 1  # unet
+    attention: list[bool] = field(default_factory=lambda: [False, True])  # unet: self-attention in each level
+    norm_groups: int = 8  # unet
 
 
 @dataclass
@@ -47,6 +54,7 @@ class TeacherConfig:
     lr: float
     ema_decay: float
     heun_steps: int  # steps of the EDM Heun sampler when the teacher is sampled
+    pretrained: str = ""  # a diffusers UNet2DModel folder or hub id to distil instead of training a teacher
 
 
 @dataclass
@@ -74,7 +82,9 @@ class DistillConfig:
 class EvalConfig:
     every: int  # evaluate every this many iterations
     projections: int  # directions of the sliced Wasserstein distance
-    threshold_factor: float  # "converged" = SWD at most this times the teacher's
+    threshold_factor: float  # "converged" = the measure at most this times the teacher's
+    features: str = "classifier"  # images: "classifier" (trained on the data, cached) or "module:function"
+    classifier_steps: int = 1500  # images: training steps of that classifier
 
 
 @dataclass
@@ -179,10 +189,12 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
                 + f" Valid keys here: {', '.join(names)}."
             )
     values = {}
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     for name in names:
-        if name not in raw:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], _join(where, name))
+        elif name not in optional:
             raise DisbackError(f"missing key '{_join(where, name)}' in the config")
-        values[name] = _coerce(hints[name], raw[name], _join(where, name))
     return cls(**values)
 
 
@@ -193,6 +205,12 @@ def _join(where: str, key: str) -> str:
 def _coerce(kind: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, where)
+    if get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise DisbackError(f"'{where}' must be a list, e.g. [32, 64], got {value!r}")
+        return [_coerce(get_args(kind)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if kind is bool and isinstance(value, bool):
+        return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -205,13 +223,13 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
 # ---------------------------------------------------------------- range checks
 
 _POSITIVE = {
-    "data": ["n_train", "n_eval"],
-    "network": ["hidden", "depth", "emb_dim"],
+    "data": ["n_eval"],
+    "network": ["hidden", "depth", "emb_dim", "layers_per_block", "norm_groups"],
     "edm": ["sigma_data", "sigma_min", "sigma_max", "rho", "p_std"],
     "teacher": ["steps", "batch", "lr", "heun_steps"],
     "degrade": ["steps", "nodes", "batch", "lr"],
     "distill": ["steps", "batch", "lr_generator", "lr_fake", "sigma_g", "switch_every", "sigma_min", "sigma_max"],
-    "eval": ["every", "projections", "threshold_factor"],
+    "eval": ["every", "projections", "threshold_factor", "classifier_steps"],
 }
 
 
@@ -233,7 +251,19 @@ def _check(cfg: Config) -> None:
     for section in (cfg.edm, cfg.distill):
         if section.sigma_min >= section.sigma_max:
             raise DisbackError(f"sigma_min ({section.sigma_min}) must be below sigma_max ({section.sigma_max})")
-    if cfg.network.kind != "mlp":
-        raise DisbackError(f"'network.kind' must be 'mlp' for point data, got '{cfg.network.kind}'")
+    net = cfg.network
+    if net.kind not in ("mlp", "unet"):
+        raise DisbackError(f"'network.kind' must be 'mlp' (points) or 'unet' (images), got '{net.kind}'")
+    if net.kind == "unet":
+        if not net.channels or len(net.attention) != len(net.channels):
+            raise DisbackError(f"'network.attention' needs one true/false per level of 'network.channels' ({net.channels})")
+        if any(c % net.norm_groups for c in net.channels):
+            raise DisbackError(f"every entry of 'network.channels' ({net.channels}) must be a multiple of 'network.norm_groups' ({net.norm_groups})")
+        if cfg.data.resolution % 2 ** (len(net.channels) - 1):
+            raise DisbackError(f"'data.resolution' ({cfg.data.resolution}) must be divisible by 2^(levels-1) = {2 ** (len(net.channels) - 1)}")
+        if cfg.data.channels not in (1, 3):
+            raise DisbackError(f"'data.channels' must be 1 or 3 for images, got {cfg.data.channels}")
+    if cfg.data.n_train < 0 or (cfg.data.channels == 0 and cfg.data.n_train < 1):
+        raise DisbackError(f"'data.n_train' must be positive for point data, got {cfg.data.n_train}")
     if cfg.data.n_eval < 10:
         raise DisbackError(f"'data.n_eval' must be at least 10, got {cfg.data.n_eval}")

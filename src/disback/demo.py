@@ -12,7 +12,7 @@ import numpy as np
 
 from disback import stages
 from disback.config import Config
-from disback.data import load_points
+from disback.data import load_data
 from disback.errors import DisbackError
 from disback.weights import write_json
 
@@ -37,21 +37,22 @@ def first_reaching(curve: list[dict], key: str, threshold: float) -> dict | None
 
 
 def curve_of(records: list[dict]) -> list[dict]:
-    keep = ("iteration", "wall_s", "target_node", "swd", "mmd", "modes", "high_quality")
+    keep = ("iteration", "wall_s", "target_node", "swd", "mmd", "modes", "high_quality", "fid")
     return [{k: r[k] for k in keep if k in r} for r in records]
 
 
 FACTORS = (4.0, 3.0, 2.0, 1.5)  # thresholds (x the teacher's SWD) reported besides the configured one
 
 
-def speedup(factor: float, teacher_swd: float, disback: dict, baseline: dict) -> dict[str, Any]:
-    """Iterations (generator steps) and wall time to reach ``factor`` x the teacher's SWD, for both runs."""
-    threshold = factor * teacher_swd
-    hit_d = first_reaching(disback["curve"], "swd", threshold)
-    hit_b = first_reaching(baseline["curve"], "swd", threshold)
+def speedup(factor: float, measure: str, teacher_value: float, disback: dict, baseline: dict) -> dict[str, Any]:
+    """Iterations (generator steps) and wall time to reach ``factor`` x the teacher's value of ``measure``."""
+    threshold = factor * teacher_value
+    hit_d = first_reaching(disback["curve"], measure, threshold)
+    hit_b = first_reaching(baseline["curve"], measure, threshold)
     out: dict[str, Any] = {
         "threshold_factor": factor,
-        "threshold_swd": threshold,
+        f"threshold_{measure}": threshold,
+        "threshold": threshold,
         "iterations_disback": hit_d["iteration"] if hit_d else None,
         "iterations_baseline": hit_b["iteration"] if hit_b else None,
         "iterations_disback_with_stage1": hit_d["iteration"] + disback["stage1_steps"] if hit_d else None,
@@ -68,7 +69,8 @@ def speedup(factor: float, teacher_swd: float, disback: dict, baseline: dict) ->
 
 def speedups(summary: dict[str, Any], factor: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The configured threshold's result, and the same for each of FACTORS."""
-    args = (summary["teacher"]["swd"], summary["runs"]["disback"], summary["runs"]["baseline"])
+    measure = summary["measure"]
+    args = (measure, summary["teacher"][measure], summary["runs"]["disback"], summary["runs"]["baseline"])
     return speedup(factor, *args), {f"{f:g}": speedup(f, *args) for f in FACTORS}
 
 
@@ -76,7 +78,7 @@ def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, An
     out = Path(out)
     prepare_out(out)
     stages.write_config(cfg, out)
-    data = load_points(cfg.data, cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
     measure = stages.metrics_for(cfg, data)
 
     teacher_file = stages.train_teacher(cfg, data, out / "teacher", show_progress)
@@ -96,12 +98,13 @@ def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, An
 
     summary = {
         "data": data.name,
-        "measure": "swd",
+        "measure": data.measure,
         "seed": cfg.seed,
         "teacher": teacher,
         "initial_generator": {k: v for k, v in runs["baseline"]["curve"][0].items() if k in teacher},
         "budgets": {
-            "teacher_steps": cfg.teacher.steps,
+            "teacher": f"pretrained '{cfg.teacher.pretrained}' (VP, imported)" if cfg.teacher.pretrained else f"an EDM denoiser ({cfg.network.kind})",
+            "teacher_steps": 0 if cfg.teacher.pretrained else cfg.teacher.steps,
             "stage1_steps": stage1_steps,
             "nodes": len(path),
             "generator_steps": cfg.distill.steps,
@@ -113,6 +116,8 @@ def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, An
         },
         "runs": runs,
     }
+    if data.kind == "images":
+        summary["features"] = {k: v for k, v in measure.info.items() if k != "file"}
     summary["speedup"], summary["speedup_by_factor"] = speedups(summary, cfg.eval.threshold_factor)
     write_json(out / "summary.json", summary)
     return summary

@@ -32,3 +32,37 @@ def score(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Te
     """grad_x log p_sigma(x) = (D(x; sigma) - x) / sigma^2."""
     s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
     return (denoiser(x, sigma) - x) / s**2
+
+
+class VPDenoiser(nn.Module):
+    """A diffusers UNet trained on a discrete VP schedule, seen as a denoiser D(x; sigma), as k-diffusion does.
+
+    With abar_t the schedule's cumulative alphas, sigma_t = sqrt((1 - abar_t) / abar_t); the UNet sees
+    x_t = x * sqrt(abar) = x / sqrt(1 + sigma^2) at the (continuous) timestep whose sigma_t is sigma.
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type '{prediction_type}'")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        abar = alphas_cumprod.double()
+        self.register_buffer("log_sigmas", ((1 - abar) / abar).sqrt().log().float())
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Linear interpolation of ln(sigma) in the schedule's table, clamped to its range."""
+        log_s = sigma.log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, log_s.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo_v, hi_v = self.log_sigmas[hi - 1], self.log_sigmas[hi]
+        return (hi - 1).to(sigma.dtype) + (log_s - lo_v) / (hi_v - lo_v)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        out = self.unet(x / (s**2 + 1).sqrt(), self.sigma_to_t(sigma)).sample
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":  # x0 = abar * x - sqrt(1 - abar) * v, abar = 1 / (1 + sigma^2)
+            return x / (s**2 + 1) - s / (s**2 + 1).sqrt() * out
+        return out

@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from disback.config import Config
-from disback.data import PointData
+from disback.data import Data
 from disback.errors import DisbackError
-from disback.metrics import PointMetrics
-from disback.models import build_denoiser, denoiser_metadata, generator_from_teacher, load_model
+from disback.metrics import build_metrics
+from disback.models import build_denoiser, denoiser_metadata, generator_from_teacher, import_pretrained, load_model
 from disback.path import DegradationPath, TargetSchedule
 from disback.sampling import heun_sample, karras_schedule
 from disback.tasks import Distillation, ScoreFitting
@@ -46,27 +46,36 @@ def write_config(cfg: Config, out: Path) -> None:
     write_text(Path(out) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def eval_noise(cfg: Config, dim: int) -> torch.Tensor:
+def eval_noise(cfg: Config, shape: tuple[int, ...]) -> torch.Tensor:
     """The same latent noise for every evaluation of every run, so curves differ only by the networks."""
-    return torch.randn(cfg.data.n_eval, dim, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+    return torch.randn(cfg.data.n_eval, *shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
 
 
-def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: PointData) -> np.ndarray:
+@torch.no_grad()
+def in_batches(fn, z: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Apply ``fn`` to ``z`` a slice at a time, so that evaluating thousands of images fits in memory."""
+    return torch.cat([fn(z[i: i + batch]) for i in range(0, len(z), batch)])
+
+
+def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: Data) -> np.ndarray:
     sigmas = karras_schedule(cfg.teacher.heun_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho)
-    z = eval_noise(cfg, data.dim).to(next(teacher.parameters()).device)
-    return data.from_model(heun_sample(teacher.eval(), z, sigmas))
+    z = eval_noise(cfg, data.shape).to(next(teacher.parameters()).device)
+    return data.from_model(in_batches(lambda zz: heun_sample(teacher.eval(), zz, sigmas), z))
 
 
-def metrics_for(cfg: Config, data: PointData) -> PointMetrics:
-    return PointMetrics(data.reference, cfg.eval.projections, data.modes, data.mode_std)
+def metrics_for(cfg: Config, data: Data):
+    return build_metrics(data, cfg.eval.projections, cfg.eval.features, cfg.eval.classifier_steps)
 
 
 # ---------------------------------------------------------------- teacher
 
 
-def train_teacher(cfg: Config, data: PointData, out: Path, show_progress: bool = True) -> Path:
-    """Fit a teacher D_theta to the data with L_dsm and an EMA; write teacher.safetensors and its samples."""
+def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True) -> Path:
+    """Fit a teacher D_theta to the data with L_dsm and an EMA (or import ``teacher.pretrained``); write
+    teacher.safetensors and its samples."""
     out = Path(out)
+    if cfg.teacher.pretrained:
+        return import_teacher(cfg, data, cfg.teacher.pretrained, out)
     set_seed(cfg.seed)
     acc = accelerator()
     write_config(cfg, out)
@@ -76,7 +85,7 @@ def train_teacher(cfg: Config, data: PointData, out: Path, show_progress: bool =
     def source(n: int) -> torch.Tensor:
         return points[torch.randint(len(points), (n,), generator=gen)]
 
-    denoiser = build_denoiser(cfg.network, data.dim, cfg.edm.sigma_data)
+    denoiser = build_denoiser(cfg.network, data.shape, cfg.edm.sigma_data)
     task = ScoreFitting(denoiser, source, batch=cfg.teacher.batch, lr=cfg.teacher.lr, edm=cfg.edm, accelerator=acc,
                         stage="teacher", ema_decay=cfg.teacher.ema_decay)
     train_loop(task, cfg.teacher.steps, log=MetricsLog(out / "metrics.jsonl"), eval_every=max(cfg.teacher.steps // 20, 1),
@@ -84,7 +93,7 @@ def train_teacher(cfg: Config, data: PointData, out: Path, show_progress: bool =
     teacher = task.ema
     samples = teacher_samples(teacher, cfg, data)
     np.save(out / "samples.npy", samples)
-    meta = denoiser_metadata(cfg.network, data.dim, cfg.edm, data.normaliser(), data.name)
+    meta = denoiser_metadata(cfg.network, data.shape, cfg.edm, data.normaliser(), data.name)
     path = out / "teacher.safetensors"
     save_weights(teacher, path, meta)
     return path
@@ -96,6 +105,19 @@ def resolve_teacher(path: Path) -> Path:
     return path / "teacher.safetensors" if path.is_dir() else path
 
 
+def import_teacher(cfg: Config, data: Data, source: str, out: Path) -> Path:
+    """A pretrained diffusers UNet2DModel + scheduler, converted once into a disback teacher file."""
+    out = Path(out)
+    teacher, meta = import_pretrained(source)
+    meta.update(edm=asdict(cfg.edm), normaliser={"mean": 0.5, "scale": 0.5}, data=data.name)  # diffusers images live in [-1, 1]
+    check_data_matches(data, meta, Path(source))
+    write_config(cfg, out)
+    np.save(out / "samples.npy", teacher_samples(teacher, cfg, data))
+    path = out / "teacher.safetensors"
+    save_weights(teacher, path, meta)
+    return path
+
+
 def load_teacher(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     path = resolve_teacher(path)
     model, meta = load_model(path)
@@ -104,12 +126,14 @@ def load_teacher(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def check_data_matches(data: PointData, meta: dict[str, Any], where: Path) -> None:
+def check_data_matches(data: Data, meta: dict[str, Any], where: Path) -> None:
     """Networks see standardised points: use the teacher's standardisation, and refuse data of another dimension."""
-    if meta["dim"] != data.dim:
-        raise DisbackError(f"the teacher {where} was trained on {meta['dim']}-D points but the data '{data.name}' is {data.dim}-D")
-    data.mean = np.asarray(meta["normaliser"]["mean"], dtype=np.float64)
-    data.scale = float(meta["normaliser"]["scale"])
+    if tuple(meta["shape"]) != data.shape:
+        raise DisbackError(
+            f"the teacher {where} takes samples of shape {tuple(meta['shape'])} but the data '{data.name}' has shape {data.shape}; "
+            "use data of the teacher's resolution and channels (--set data.resolution=..., data.channels=...)"
+        )
+    data.set_normaliser(meta["normaliser"])
 
 
 # ---------------------------------------------------------------- stage 1
@@ -134,11 +158,11 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     teacher_file = resolve_teacher(teacher_file)
     teacher, meta = load_teacher(teacher_file)
     generator0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False).to(acc.device)
-    dim = meta["dim"]
+    shape = tuple(meta["shape"])
 
     def source(n: int) -> torch.Tensor:
         with torch.no_grad():
-            return generator0(torch.randn(n, dim, device=acc.device))
+            return generator0(torch.randn(n, *shape, device=acc.device))
 
     config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
     path = DegradationPath.create(out, config)
@@ -164,7 +188,7 @@ def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
 # ---------------------------------------------------------------- stage 2 and the baseline
 
 
-def distill(cfg: Config, data: PointData, teacher_file: Path, path: DegradationPath | None, out: Path,
+def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath | None, out: Path,
             show_progress: bool = True) -> dict[str, Any]:
     """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node)."""
     out = Path(out)
@@ -180,20 +204,18 @@ def distill(cfg: Config, data: PointData, teacher_file: Path, path: DegradationP
     generator = generator_from_teacher(teacher, cfg.distill.sigma_g)
     fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
     schedule = TargetSchedule(len(path), cfg.distill.switch_every)
-    task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, dim=data.dim,
+    task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, shape=data.shape,
                         accelerator=acc, stage=stage)
     measure = metrics_for(cfg, data)
-    z = eval_noise(cfg, data.dim).to(acc.device)
+    z = eval_noise(cfg, data.shape).to(acc.device)
 
     def evaluate() -> dict[str, float]:
-        with torch.no_grad():
-            return measure(data.from_model(generator(z)))
+        return measure(data.from_model(in_batches(generator, z)))
 
     started = time.time()
     records = train_loop(task, cfg.distill.steps, evaluate=evaluate, eval_every=cfg.eval.every,
                          log=MetricsLog(out / "metrics.jsonl"), show_progress=show_progress)
-    with torch.no_grad():
-        np.save(out / "samples.npy", data.from_model(generator(z)))
+    np.save(out / "samples.npy", data.from_model(in_batches(generator, z)))
     save_weights(generator, out / "generator.safetensors", {**meta, "kind": "generator", "sigma_g": cfg.distill.sigma_g})
     save_weights(fake, out / "fake.safetensors", meta)
     return {"records": records, "switches": task.switches, "elapsed_s": time.time() - started, "nodes": len(path)}
@@ -207,20 +229,22 @@ def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, p
     if n < 1 or steps < 1:
         raise DisbackError("--n and --steps must be positive")
     model, meta = load_model(Path(model_file))
-    z = torch.randn(n, meta["dim"], generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        if meta["kind"] == "generator":
-            x = model(z)
-        else:
-            edm = meta["edm"]
-            x = heun_sample(model.eval(), z, karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"]))
+    z = torch.randn(n, *meta["shape"], generator=torch.Generator().manual_seed(seed))
+    if meta["kind"] == "generator":
+        x = in_batches(model, z)
+    else:
+        edm = meta["edm"]
+        sigmas = karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])
+        x = in_batches(lambda zz: heun_sample(model.eval(), zz, sigmas), z)
     norm = meta["normaliser"]
-    points = x.double().numpy() * norm["scale"] + np.asarray(norm["mean"])
+    samples = x.double().numpy() * norm["scale"] + np.asarray(norm["mean"])
+    if len(meta["shape"]) == 3:
+        samples = np.clip(samples, 0, 1).astype(np.float32)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, points)
+    np.save(out, samples)
     if plot:
-        from disback.report import scatter
+        from disback.report import picture
 
-        scatter(points, Path(plot), title=f"{meta['kind']} samples ({n})")
-    return points
+        picture(samples, Path(plot), title=f"{meta['kind']} samples ({n})")
+    return samples

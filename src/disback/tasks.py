@@ -37,11 +37,12 @@ class ScoreFitting:
     ):
         self.stage = stage
         self.source, self.batch, self.edm, self.accelerator = source, batch, edm, accelerator
-        self.denoiser = denoiser
-        self.ema = copy.deepcopy(denoiser).requires_grad_(False) if ema_decay is not None else None
-        self.ema_decay = ema_decay
         optimiser = torch.optim.Adam(denoiser.parameters(), lr=lr)
         self.model, self.optimiser = accelerator.prepare(denoiser, optimiser)
+        self.denoiser = accelerator.unwrap_model(self.model)
+        # The EMA is copied after prepare() so that it lives on the same device as the model.
+        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if ema_decay is not None else None
+        self.ema_decay = ema_decay
 
     def target_node(self) -> int | None:
         return None
@@ -54,9 +55,8 @@ class ScoreFitting:
         self.accelerator.backward(loss)
         self.optimiser.step()
         if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.denoiser.parameters()):
-                    e.lerp_(p, 1.0 - self.ema_decay)
+            with torch.no_grad():  # one fused update for all tensors: many small kernels dominate on a GPU
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.denoiser.parameters()), 1.0 - self.ema_decay)
         return {"loss": loss.item()}
 
 
@@ -77,11 +77,11 @@ class Distillation:
         *,
         cfg: DistillConfig,
         edm: EDMConfig,
-        dim: int,
+        shape: tuple[int, ...],
         accelerator: Accelerator,
         stage: str,
     ):
-        self.stage, self.cfg, self.edm, self.dim, self.accelerator = stage, cfg, edm, dim, accelerator
+        self.stage, self.cfg, self.edm, self.shape, self.accelerator = stage, cfg, edm, tuple(shape), accelerator
         self.path, self.schedule = path, schedule
         path.load_node(path.last, fake)
         path.load_node(schedule.current, target)
@@ -97,7 +97,7 @@ class Distillation:
         return self.schedule.current
 
     def noise(self) -> torch.Tensor:
-        return torch.randn(self.cfg.batch, self.dim, device=self.accelerator.device)
+        return torch.randn(self.cfg.batch, *self.shape, device=self.accelerator.device)
 
     def fake_step(self) -> float:
         """Fit the fake score to the generator's current samples (L_dsm on stopgrad(G(z)))."""
@@ -113,7 +113,7 @@ class Distillation:
     def generator_step(self) -> float:
         x0 = self.generator(self.noise())
         sigma = karras_sigma(len(x0), self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device)
-        x_sigma = x0.detach() + sigma[:, None] * torch.randn_like(x0)
+        x_sigma = x0.detach() + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * torch.randn_like(x0)
         with torch.no_grad():
             d_fake = self.fake(x_sigma, sigma)
             d_target = self.target(x_sigma, sigma)

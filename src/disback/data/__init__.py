@@ -1,4 +1,8 @@
-"""Point data: a built-in distribution or the user's own N x D file, standardised for training."""
+"""Data: built-in 2-D distributions and image sets, or the user's own points or images, ready for training.
+
+Networks see standardised data, ``(x - mean) / scale``; metrics and plots use the data's own units (points in
+their coordinates, images in [0, 1]).
+"""
 
 from __future__ import annotations
 
@@ -10,74 +14,125 @@ import numpy as np
 import torch
 
 from disback.config import DataConfig
+from disback.data import images as image_io
 from disback.data.toy import MODE_STD, TOY
 from disback.errors import DisbackError
 
 MIN_ROWS = 50
+IMAGE_SETS = {"digits": 8, "fashion": 28}  # name -> native resolution
 
 
 @dataclass
-class PointData:
-    """Training points and evaluation reference, both in the data's own units.
-
-    Networks see standardised points ``(x - mean) / scale``; a single scalar scale keeps the geometry (and so the
-    modes) isotropic. Metrics and plots use the data's own units.
-    """
-
+class Data:
     name: str
-    train: np.ndarray
-    reference: np.ndarray
-    modes: np.ndarray | None
-    mode_std: float | None
-    mean: np.ndarray
+    kind: str  # "points" or "images"
+    train: np.ndarray  # N x D points, or N x C x H x W images in [0, 1]
+    reference: np.ndarray  # held-out samples that every measure compares against
+    mean: np.ndarray | float
     scale: float
+    labels: np.ndarray | None = None  # class labels of ``train`` (images), used by the feature network
+    modes: np.ndarray | None = None
+    mode_std: float | None = None
 
     @property
-    def dim(self) -> int:
-        return self.train.shape[1]
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    @property
+    def measure(self) -> str:
+        """The headline measure: sliced Wasserstein for points, a Fréchet distance for images."""
+        return "swd" if self.kind == "points" else "fid"
 
     def to_model(self, x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor((x - self.mean) / self.scale, dtype=torch.float32)
 
     def from_model(self, x: torch.Tensor) -> np.ndarray:
-        return x.detach().cpu().double().numpy() * self.scale + self.mean
+        out = x.detach().cpu().double().numpy() * self.scale + self.mean
+        return np.clip(out, 0.0, 1.0).astype(np.float32) if self.kind == "images" else out
 
     def normaliser(self) -> dict:
-        return {"mean": self.mean.tolist(), "scale": self.scale}
+        mean = self.mean.tolist() if isinstance(self.mean, np.ndarray) else self.mean
+        return {"mean": mean, "scale": self.scale}
+
+    def set_normaliser(self, norm: dict) -> None:
+        mean = norm["mean"]
+        self.mean = np.asarray(mean, dtype=np.float64) if isinstance(mean, list) else float(mean)
+        self.scale = float(norm["scale"])
 
 
 def builtin_names() -> list[str]:
-    return sorted(TOY)
+    return sorted(TOY) + sorted(IMAGE_SETS)
 
 
-def load_points(cfg: DataConfig, seed: int) -> PointData:
-    """``cfg.name`` is a built-in name or a path to an .npy / .csv file of shape N x D."""
+def load_data(cfg: DataConfig, seed: int) -> Data:
+    """``cfg.name``: a built-in name, a points file (.npy/.csv), or images (a folder or an .npz file)."""
     if cfg.name in TOY:
-        sampler, modes = TOY[cfg.name]
-        rng = np.random.default_rng(seed)
-        train = sampler(cfg.n_train, rng)
-        # The reference is drawn from its own stream so that it never overlaps the training points.
-        reference = sampler(cfg.n_eval, np.random.default_rng([seed, 1]))
-        mode_std = MODE_STD if modes is not None else None
-        name = cfg.name
-    else:
-        path = Path(cfg.name)
-        if path.suffix.lower() not in (".npy", ".csv") and not path.exists():
-            hint = difflib.get_close_matches(cfg.name, builtin_names(), n=1)
-            raise DisbackError(
-                f"unknown data '{cfg.name}'"
-                + (f"; did you mean '{hint[0]}'?" if hint else "")
-                + f" Use one of {', '.join(builtin_names())}, or a path to an .npy or .csv file of N x 2 points."
-            )
-        train = read_point_file(path)
-        # A user's file is the whole empirical distribution: the teacher is fitted to it and measured against it.
-        reference = train
-        modes, mode_std, name = None, None, str(path)
-    mean = train.mean(0)
-    scale = float(np.sqrt(((train - mean) ** 2).sum(1).mean() / train.shape[1]))
+        return _toy(cfg, seed)
+    if cfg.name in IMAGE_SETS:
+        return _image_set(cfg, seed)
+    path = Path(cfg.name)
+    if path.suffix.lower() in (".npy", ".csv"):
+        return _points(path)
+    if path.is_dir() or path.suffix.lower() == ".npz":
+        if not path.exists():
+            raise DisbackError(f"data file {path} does not exist")
+        _need_image_preset(cfg, str(path))
+        images = image_io.read_image_source(path, cfg.resolution, cfg.channels)
+        return _images(str(path), images, None, seed)
+    hint = difflib.get_close_matches(cfg.name, builtin_names(), n=1)
+    raise DisbackError(
+        f"unknown data '{cfg.name}'"
+        + (f"; did you mean '{hint[0]}'?" if hint else "")
+        + f" Use one of {', '.join(builtin_names())}, an .npy/.csv file of N x D points, or a folder / .npz of images."
+    )
+
+
+def _need_image_preset(cfg: DataConfig, name: str) -> None:
+    if cfg.resolution <= 0 or cfg.channels <= 0:
+        raise DisbackError(f"'{name}' is image data but the preset is for points; use an image preset, e.g. --preset digits")
+
+
+def _toy(cfg: DataConfig, seed: int) -> Data:
+    sampler, modes = TOY[cfg.name]
+    train = sampler(cfg.n_train, np.random.default_rng(seed))
+    # The reference is drawn from its own stream so that it never overlaps the training points.
+    reference = sampler(cfg.n_eval, np.random.default_rng([seed, 1]))
+    mean, scale = _standardise(train, cfg.name)
+    return Data(cfg.name, "points", train, reference, mean, scale, modes=modes, mode_std=MODE_STD if modes is not None else None)
+
+
+def _points(path: Path) -> Data:
+    train = read_point_file(path)
+    mean, scale = _standardise(train, str(path))
+    # A user's file is the whole empirical distribution: the teacher is fitted to it and measured against it.
+    return Data(str(path), "points", train, train, mean, scale)
+
+
+def _standardise(x: np.ndarray, name: str) -> tuple[np.ndarray, float]:
+    """One scale for all axes keeps the geometry (and so the modes) isotropic."""
+    mean = x.mean(0)
+    scale = float(np.sqrt(((x - mean) ** 2).sum(1).mean() / x.shape[1]))
     if scale <= 0:
         raise DisbackError(f"all points of '{name}' are identical; there is no distribution to learn")
-    return PointData(name, train, reference, modes, mode_std, mean, scale)
+    return mean, scale
+
+
+def _image_set(cfg: DataConfig, seed: int) -> Data:
+    _need_image_preset(cfg, cfg.name)
+    images, labels = image_io.digits() if cfg.name == "digits" else image_io.fashion(cfg.root)
+    if images.shape[1] != cfg.channels:
+        images = np.repeat(images, cfg.channels, axis=1) if cfg.channels == 3 else images.mean(1, keepdims=True)
+    if images.shape[-1] != cfg.resolution:
+        images = np.stack([image_io._resize(im, cfg.resolution, Path(cfg.name)) for im in images])
+    return _images(cfg.name, images, labels, seed)
+
+
+def _images(name: str, images: np.ndarray, labels: np.ndarray | None, seed: int, held_out: float = 0.15) -> Data:
+    """Hold out a fixed share of the images as the reference of every Fréchet distance; train on the rest."""
+    order = np.random.default_rng([seed, 2]).permutation(len(images))
+    n_ref = max(int(held_out * len(images)), 10)
+    ref, train = order[:n_ref], order[n_ref:]
+    return Data(name, "images", images[train], images[ref], 0.5, 0.5, labels=None if labels is None else labels[train])
 
 
 def read_point_file(path: Path) -> np.ndarray:

@@ -1,0 +1,181 @@
+"""The image track: image data, the FID-style measure, diffusers teachers, and the exported one-step pipeline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from disback.cli import main
+from disback.config import build_config
+from disback.data import load_data
+from disback.data.images import read_idx
+from disback.denoiser import VPDenoiser
+from disback.errors import DisbackError
+from disback.metrics.images import classifier_features, frechet_distance, statistics
+
+IMAGE_ARGS = [
+    "--preset", "digits", "--quiet",
+    "--set", "data.n_eval=100", "--set", "teacher.steps=60", "--set", "teacher.heun_steps=4",
+    "--set", "degrade.steps=8", "--set", "degrade.nodes=4", "--set", "distill.steps=12", "--set", "distill.batch=32",
+    "--set", "distill.switch_every=3", "--set", "eval.every=6", "--set", "network.channels=[8, 16]",
+    "--set", "eval.classifier_steps=300",
+]
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 6)), rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    (m1, c1), (m2, c2) = statistics(a), statistics(b)
+    expected = ((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * np.real(sqrtm(c1 @ c2)))
+    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(m1, c1, m1, c1) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_feature_classifier_is_trained_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISBACK_CACHE", str(tmp_path))
+    data = load_data(build_config("digits").data, 0)
+    _, first = classifier_features(data.train, data.labels, steps=300)
+    fn, second = classifier_features(data.train, data.labels, steps=300)
+    assert not first["cached"] and second["cached"]
+    assert first["task"] == "classes" and first["accuracy"] > 0.8  # digits are easy; a broken net is near 0.1
+    assert fn(torch.as_tensor(data.reference[:5])).shape == (5, 128)
+
+
+def _png_folder(folder, sizes):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        img = np.zeros((h, w), dtype=np.uint8)
+        img[h // 4: 3 * h // 4, rng.integers(0, w // 2): w - 1] = 255
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+
+
+def test_image_folder_npz_and_idx_inputs(tmp_path):
+    cfg = build_config("digits").data
+    _png_folder(tmp_path / "pngs", [(16, 16), (12, 20), (8, 8)] * 10)  # mixed sizes: cropped and resized
+    cfg.name = str(tmp_path / "pngs")
+    data = load_data(cfg, 0)
+    assert data.shape == (1, 8, 8) and data.train.min() >= 0 and data.train.max() <= 1
+    assert len(data.train) + len(data.reference) == 30 and data.labels is None
+    np.savez(tmp_path / "imgs.npz", images=(np.random.default_rng(0).random((40, 16, 16, 3)) * 255).astype(np.uint8))
+    cfg.name = str(tmp_path / "imgs.npz")
+    assert load_data(cfg, 0).shape == (1, 8, 8)  # RGB averaged to the preset's one channel, resized
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape)
+    (tmp_path / "x.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    np.testing.assert_array_equal(read_idx(tmp_path / "x.gz"), images)
+
+
+def test_bad_image_inputs_give_clear_errors(tmp_path):
+    cfg = build_config("digits").data
+    (tmp_path / "empty").mkdir()
+    cfg.name = str(tmp_path / "empty")
+    with pytest.raises(DisbackError, match="no image files"):
+        load_data(cfg, 0)
+    _png_folder(tmp_path / "broken", [(8, 8)] * 25)
+    (tmp_path / "broken" / "zz.png").write_bytes(b"not a png")
+    cfg.name = str(tmp_path / "broken")
+    with pytest.raises(DisbackError, match="cannot read image .*zz.png"):
+        load_data(cfg, 0)
+    cfg.name = "digits"
+    points_cfg = build_config("toy2d").data
+    points_cfg.name = str(tmp_path / "broken")
+    with pytest.raises(DisbackError, match="image preset"):
+        load_data(points_cfg, 0)
+
+
+def test_vp_wrapper_maps_sigmas_to_timesteps_and_predicts_x0():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    d = VPDenoiser(unet, sched.alphas_cumprod)
+    table = d.log_sigmas.exp()
+    assert torch.allclose(d.sigma_to_t(table[[0, 17, 99]]), torch.tensor([0.0, 17.0, 99.0]), atol=1e-3)
+    x, sigma = torch.randn(2, 1, 8, 8), table[[40, 40]]
+    abar = sched.alphas_cumprod[40]
+    eps = unet(x * abar.sqrt(), torch.tensor([40.0, 40.0])).sample
+    assert torch.allclose(d(x, sigma), x - sigma[0] * eps, atol=1e-4)
+
+
+def _diffusers_teacher(folder):
+    """A tiny DDPM model trained for a few steps on digits, saved as a pipeline folder (unet/ + scheduler/)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    sched = DDPMScheduler(num_train_timesteps=200)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    x0 = torch.as_tensor(load_data(build_config("digits").data, 0).train[:256]) * 2 - 1
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    for _ in range(5):
+        t = torch.randint(0, 200, (64,))
+        noise, batch = torch.randn(64, 1, 8, 8), x0[torch.randint(0, 256, (64,))]
+        loss = (unet(sched.add_noise(batch, noise, t), t).sample - noise).square().mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+    unet.save_pretrained(folder / "unet")
+    sched.save_pretrained(folder / "scheduler")
+    return unet
+
+
+def test_a_saved_diffusers_teacher_is_distilled_through_the_same_code_path(tmp_path, capsys):
+    _diffusers_teacher(tmp_path / "ddpm")
+    out = tmp_path / "demo"
+    assert main(["demo", "--teacher", str(tmp_path / "ddpm"), "--out", str(out), *IMAGE_ARGS]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["measure"] == "fid" and "pretrained" in s["budgets"]["teacher"]
+    assert [r["target_node"] for r in s["runs"]["disback"]["curve"]][-1] == 0
+    assert np.isfinite([r["fid"] for r in s["runs"]["baseline"]["curve"]]).all()
+    # The imported teacher is the diffusers model, weight for weight.
+    from diffusers import UNet2DModel
+    from disback.models import load_model
+
+    teacher, meta = load_model(out / "teacher" / "teacher.safetensors")
+    original = UNet2DModel.from_pretrained(tmp_path / "ddpm", subfolder="unet")
+    assert meta["precond"] == "vp"
+    assert all(torch.equal(a, b) for a, b in zip(teacher.unet.state_dict().values(), original.state_dict().values()))
+
+
+def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *IMAGE_ARGS]) == 0
+    for name in ("report.md", "curves.png", "samples.png", "summary.json"):
+        assert (out / name).is_file()
+    assert "NOT Inception FID" in (out / "report.md").read_text()
+    assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 0
+    assert (tmp_path / "pipe" / "model_index.json").is_file() and (tmp_path / "pipe" / "pipeline.py").is_file()
+
+    from disback.models import load_model
+
+    generator, _ = load_model(out / "disback" / "generator.safetensors")
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = (generator(z) / 2 + 0.5).clamp(0, 1)
+    np.save(tmp_path / "z.npy", z.numpy())
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, custom_pipeline={str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
+        f"z = torch.from_numpy(np.load({str(tmp_path / 'z.npy')!r}))\n"
+        "out = pipe(batch_size=4, noise=z, output_type='pt').images\n"
+        f"np.save({str(tmp_path / 'images.npy')!r}, out.numpy())\n"
+        "pil = pipe(batch_size=2, generator=torch.Generator().manual_seed(0)).images\n"
+        "assert len(pil) == 2 and pil[0].size == (8, 8)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected.numpy(), atol=1e-5)
+    # Exporting over a non-empty folder is refused.
+    assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 2
