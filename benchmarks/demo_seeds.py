@@ -59,17 +59,19 @@ def run_all(args) -> dict[str, list[dict]]:
 
 
 def tables(results: dict[str, list[dict]]) -> str:
-    head = ["data", "seed", "teacher SWD", "baseline final SWD", "DisBack final SWD", "baseline iters", "DisBack iters",
+    m = next(iter(results.values()))[0]["measure"]  # "swd" for points, "fid" for images
+    M = m.upper()
+    head = ["data", "seed", f"teacher {M}", f"baseline final {M}", f"DisBack final {M}", "baseline iters", "DisBack iters",
             "DisBack iters + stage 1", "baseline wall s", "DisBack wall s + stage 1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
         for s in runs:
             sp = s["speedup"]
-            lines.append("| " + " | ".join([name, str(s["seed"]), fmt(s["teacher"]["swd"]), fmt(s["runs"]["baseline"]["final"]["swd"]),
-                                            fmt(s["runs"]["disback"]["final"]["swd"]), fmt(sp["iterations_baseline"]), fmt(sp["iterations_disback"]),
+            lines.append("| " + " | ".join([name, str(s["seed"]), fmt(s["teacher"][m]), fmt(s["runs"]["baseline"]["final"][m]),
+                                            fmt(s["runs"]["disback"]["final"][m]), fmt(sp["iterations_baseline"]), fmt(sp["iterations_disback"]),
                                             fmt(sp["iterations_disback_with_stage1"]), fmt(sp["wall_s_baseline"]), fmt(sp["wall_s_disback_with_stage1"])]) + " |")
     factor = next(iter(results.values()))[0]["speedup"]["threshold_factor"]
-    text = f"Per run, threshold SWD <= {factor:g} x the teacher's:\n\n" + "\n".join(lines)
+    text = f"Per run, threshold {M} <= {factor:g} x the teacher's:\n\n" + "\n".join(lines)
 
     head = ["data", "threshold", "baseline iters", "DisBack iters", "DisBack iters + stage 1", "baseline wall s", "DisBack wall s + stage 1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -80,12 +82,13 @@ def tables(results: dict[str, list[dict]]) -> str:
                 "iterations_baseline", "iterations_disback", "iterations_disback_with_stage1", "wall_s_baseline", "wall_s_disback_with_stage1"))]) + " |")
     text += "\n\nMean ± sd over seeds (k/n: runs that reached the threshold within the budget):\n\n" + "\n".join(lines)
 
-    head = ["data", "teacher SWD", "baseline final SWD", "DisBack final SWD", "baseline final MMD^2", "DisBack final MMD^2"]
+    extra = [k for k in ("mmd",) if k in next(iter(results.values()))[0]["teacher"]]
+    head = ["data", f"teacher {M}", f"baseline final {M}", f"DisBack final {M}"] + [f"{r} final {k.upper()}" for k in extra for r in ("baseline", "DisBack")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
-        lines.append("| " + " | ".join([name, mean_sd([s["teacher"]["swd"] for s in runs]),
-                                        *(mean_sd([s["runs"][r]["final"][m] for s in runs]) for m in ("swd",) for r in ("baseline", "disback")),
-                                        *(mean_sd([s["runs"][r]["final"]["mmd"] for s in runs]) for r in ("baseline", "disback"))]) + " |")
+        lines.append("| " + " | ".join([name, mean_sd([s["teacher"][m] for s in runs]),
+                                        *(mean_sd([s["runs"][r]["final"][m] for s in runs]) for r in ("baseline", "disback")),
+                                        *(mean_sd([s["runs"][r]["final"][k] for s in runs]) for k in extra for r in ("baseline", "disback"))]) + " |")
     return text + "\n\nFinal quality, mean ± sd over seeds:\n\n" + "\n".join(lines)
 
 
