@@ -94,6 +94,21 @@ def test_bad_image_inputs_give_clear_errors(tmp_path):
         load_data(points_cfg, 0)
 
 
+def test_class_conditioning_needs_labels_and_changes_the_output(tmp_path):
+    from disback.models import build_denoiser
+
+    cfg = build_config("digits", overrides={"network": {"num_classes": 10, "channels": [8, 16]}})
+    d = build_denoiser(cfg.network, (1, 8, 8), 0.5)
+    torch.nn.init.normal_(d.backbone.unet.class_embedding.weight)
+    x, s = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 1.0])
+    assert not torch.allclose(d(x, s, torch.tensor([0, 0])), d(x, s, torch.tensor([0, 7])))
+    _png_folder(tmp_path / "pngs", [(8, 8)] * 25)
+    assert main(["teacher", "--preset", "digits", "--data", str(tmp_path / "pngs"), "--set", "network.num_classes=10",
+                 "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    with pytest.raises(DisbackError, match="must be 0, or positive with network.kind 'unet'"):
+        build_config("toy2d", overrides={"network": {"num_classes": 3}})
+
+
 def test_vp_wrapper_maps_sigmas_to_timesteps_and_predicts_x0():
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -147,9 +162,10 @@ def test_a_saved_diffusers_teacher_is_distilled_through_the_same_code_path(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(teacher.unet.state_dict().values(), original.state_dict().values()))
 
 
-def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys):
+@pytest.mark.parametrize("classes", [0, 10])
+def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classes):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), *IMAGE_ARGS]) == 0
+    assert main(["demo", "--out", str(out), *IMAGE_ARGS, "--set", f"network.num_classes={classes}"]) == 0
     for name in ("report.md", "curves.png", "samples.png", "summary.json"):
         assert (out / name).is_file()
     assert "NOT Inception FID" in (out / "report.md").read_text()
@@ -158,17 +174,19 @@ def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys):
 
     from disback.models import load_model
 
-    generator, _ = load_model(out / "disback" / "generator.safetensors")
+    generator, meta = load_model(out / "disback" / "generator.safetensors")
+    assert meta["num_classes"] == classes
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([3, 1, 4, 1]) if classes else None  # the pipeline's labels below
     with torch.no_grad():
-        expected = (generator(z) / 2 + 0.5).clamp(0, 1)
+        expected = (generator(z, labels) / 2 + 0.5).clamp(0, 1)
     np.save(tmp_path / "z.npy", z.numpy())
     script = (
         "import sys, numpy as np, torch\n"
         "from diffusers import DiffusionPipeline\n"
         f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, custom_pipeline={str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
         f"z = torch.from_numpy(np.load({str(tmp_path / 'z.npy')!r}))\n"
-        "out = pipe(batch_size=4, noise=z, output_type='pt').images\n"
+        f"out = pipe(batch_size=4, noise=z, output_type='pt', class_labels={[3, 1, 4, 1] if classes else None}).images\n"
         f"np.save({str(tmp_path / 'images.npy')!r}, out.numpy())\n"
         "pil = pipe(batch_size=2, generator=torch.Generator().manual_seed(0)).images\n"
         "assert len(pil) == 2 and pil[0].size == (8, 8)\n"

@@ -19,7 +19,7 @@ class GaussianDenoiser(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.s = s
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, labels=None):
         sig2 = sigma.reshape(-1, 1) ** 2
         return (self.s**2 * x + sig2 * self.mean) / (self.s**2 + sig2)
 

@@ -42,7 +42,7 @@ def test_recorder_writes_n_plus_one_nodes_matching_sha_and_the_model_at_their_st
     gen0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False)
     path = DegradationPath.create(tmp_path / "path", {})
     path.add_node(degrading, 0, meta)
-    task = ScoreFitting(degrading, lambda n: gen0(torch.randn(n, 2)), batch=32, lr=1e-3, edm=cfg.edm,
+    task = ScoreFitting(degrading, lambda n: (gen0(torch.randn(n, 2)), None), batch=32, lr=1e-3, edm=cfg.edm,
                         accelerator=stages.accelerator(), stage="degrade")
     snaps = Snapshots(degrading)
     train_loop(task, 12, callbacks=[stages.PathRecorder(path, degrading, 4, meta), snaps], show_progress=False)

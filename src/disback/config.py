@@ -35,6 +35,7 @@ class NetworkConfig:
     layers_per_block: int = 1  # unet
     attention: list[bool] = field(default_factory=lambda: [False, True])  # unet: self-attention in each level
     norm_groups: int = 8  # unet
+    num_classes: int = 0  # unet: > 0 makes every network class-conditional (UNet2DModel's num_class_embeds)
 
 
 @dataclass
@@ -254,6 +255,8 @@ def _check(cfg: Config) -> None:
     net = cfg.network
     if net.kind not in ("mlp", "unet"):
         raise DisbackError(f"'network.kind' must be 'mlp' (points) or 'unet' (images), got '{net.kind}'")
+    if net.num_classes < 0 or (net.num_classes and net.kind != "unet"):
+        raise DisbackError(f"'network.num_classes' must be 0, or positive with network.kind 'unet'; got {net.num_classes} with '{net.kind}'")
     if net.kind == "unet":
         if not net.channels or len(net.attention) != len(net.channels):
             raise DisbackError(f"'network.attention' needs one true/false per level of 'network.channels' ({net.channels})")

@@ -17,7 +17,7 @@ class EDMDenoiser(nn.Module):
         self.backbone = backbone
         self.sigma_data = float(sigma_data)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         sd2 = self.sigma_data**2
@@ -25,7 +25,7 @@ class EDMDenoiser(nn.Module):
         c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
         c_in = 1.0 / (s**2 + sd2).sqrt()
         c_noise = sigma.log() / 4.0
-        return c_skip * x + c_out * self.backbone(c_in * x, c_noise)
+        return c_skip * x + c_out * self.backbone(c_in * x, c_noise, labels)
 
 
 def score(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -57,10 +57,10 @@ class VPDenoiser(nn.Module):
         lo_v, hi_v = self.log_sigmas[hi - 1], self.log_sigmas[hi]
         return (hi - 1).to(sigma.dtype) + (log_s - lo_v) / (hi_v - lo_v)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        out = self.unet(x / (s**2 + 1).sqrt(), self.sigma_to_t(sigma)).sample
+        out = self.unet(x / (s**2 + 1).sqrt(), self.sigma_to_t(sigma), class_labels=labels).sample
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":  # x0 = abar * x - sqrt(1 - abar) * v, abar = 1 / (1 + sigma^2)

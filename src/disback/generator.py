@@ -12,6 +12,6 @@ class OneStepGenerator(nn.Module):
         self.denoiser = denoiser  # eta starts as a copy of the teacher's weights
         self.sigma_g = float(sigma_g)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.full((z.shape[0],), self.sigma_g, dtype=z.dtype, device=z.device)
-        return self.denoiser(self.sigma_g * z, sigma)
+        return self.denoiser(self.sigma_g * z, sigma, labels)

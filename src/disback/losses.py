@@ -22,11 +22,12 @@ def karras_sigma(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, d
     return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def dsm_loss(denoiser: nn.Module, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, sigma_data: float) -> torch.Tensor:
+def dsm_loss(denoiser: nn.Module, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, sigma_data: float,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
     """lambda(sigma) * ||D(x0 + sigma n; sigma) - x0||^2 with lambda = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2."""
     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
     weight = (s**2 + sigma_data**2) / (s * sigma_data) ** 2
-    return (weight * (denoiser(x0 + s * noise, sigma) - x0) ** 2).mean()
+    return (weight * (denoiser(x0 + s * noise, sigma, labels) - x0) ** 2).mean()
 
 
 def dmd_generator_loss(x0: torch.Tensor, d_fake: torch.Tensor, d_target: torch.Tensor) -> torch.Tensor:

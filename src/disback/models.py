@@ -30,7 +30,7 @@ def build_denoiser(network: NetworkConfig, shape: tuple[int, ...], sigma_data: f
 def denoiser_metadata(network: NetworkConfig, shape: tuple[int, ...], edm: EDMConfig, normaliser: dict, data: str) -> dict[str, Any]:
     """Everything needed to rebuild the network, sample it, and map its outputs back to the data's units."""
     return {"kind": "denoiser", "precond": "edm", "network": asdict(network), "shape": list(shape), "sigma_data": edm.sigma_data,
-            "edm": asdict(edm), "normaliser": normaliser, "data": data}
+            "edm": asdict(edm), "normaliser": normaliser, "data": data, "num_classes": network.num_classes}
 
 
 def _rebuild(meta: dict[str, Any]) -> nn.Module:
@@ -74,7 +74,7 @@ def import_pretrained(source: str) -> tuple[VPDenoiser, dict[str, Any]]:
     cfg = json.loads(unet.to_json_string())
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     meta = {"kind": "denoiser", "precond": "vp", "unet_config": cfg, "num_timesteps": len(scheduler.alphas_cumprod),
-            "prediction_type": prediction, "source": str(source),
+            "prediction_type": prediction, "source": str(source), "num_classes": unet.config.num_class_embeds or 0,
             "shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]}
     return model, meta
 

@@ -33,16 +33,16 @@ class OneStepPipeline(DiffusionPipeline):
         self.register_to_config(preconditioning=preconditioning, sigma_g=sigma_g, sigma_data=sigma_data, timestep=timestep,
                                 prediction_type=prediction_type)
 
-    def denoise(self, z: torch.Tensor) -> torch.Tensor:
+    def denoise(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The generator's output in model space ([-1, 1] for images)."""
         c, s = self.config, float(self.config.sigma_g)
         x = s * z
         t = torch.full((z.shape[0],), float(c.timestep), device=z.device, dtype=z.dtype)
         if c.preconditioning == "edm":
             sd2 = c.sigma_data**2
-            out = self.unet(x / math.sqrt(s**2 + sd2), t).sample
+            out = self.unet(x / math.sqrt(s**2 + sd2), t, class_labels=class_labels).sample
             return sd2 / (s**2 + sd2) * x + s * c.sigma_data / math.sqrt(s**2 + sd2) * out
-        out = self.unet(x / math.sqrt(s**2 + 1), t).sample
+        out = self.unet(x / math.sqrt(s**2 + 1), t, class_labels=class_labels).sample
         if c.prediction_type == "epsilon":
             return x - s * out
         if c.prediction_type == "v_prediction":
@@ -51,12 +51,18 @@ class OneStepPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 class_labels: torch.Tensor | list[int] | None = None, output_type: str = "pil", return_dict: bool = True):
+        """``class_labels`` for a class-conditional UNet: one per image; by default 0, 1, 2, ... in turn."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         z = noise if noise is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        images = (self.denoise(z.to(self.device, self.unet.dtype)) / 2 + 0.5).clamp(0, 1)
+        classes = self.unet.config.num_class_embeds
+        if classes and class_labels is None:
+            class_labels = torch.arange(batch_size) % classes
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=self.device)
+        images = (self.denoise(z.to(self.device, self.unet.dtype), class_labels) / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":

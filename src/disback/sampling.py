@@ -14,25 +14,25 @@ def karras_schedule(steps: int, sigma_min: float, sigma_max: float, rho: float =
 
 
 @torch.no_grad()
-def heun_sample(denoiser: nn.Module, z: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def heun_sample(denoiser: nn.Module, z: torch.Tensor, sigmas: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigmas[0] down to 0."""
     x = z.double() * sigmas[0]
     for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d_cur = (x - _denoise(denoiser, x, s_cur)) / s_cur
+        d_cur = (x - _denoise(denoiser, x, s_cur, labels)) / s_cur
         x_next = x + (s_next - s_cur) * d_cur
         if s_next > 0:  # second-order correction, except at the last step
-            d_next = (x_next - _denoise(denoiser, x_next, s_next)) / s_next
+            d_next = (x_next - _denoise(denoiser, x_next, s_next, labels)) / s_next
             x_next = x + (s_next - s_cur) * (0.5 * d_cur + 0.5 * d_next)
         x = x_next
     return x.to(z.dtype)
 
 
-def _denoise(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _denoise(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     dtype = next(denoiser.parameters()).dtype
     s = torch.full((x.shape[0],), float(sigma), dtype=dtype, device=x.device)
-    return denoiser(x.to(dtype), s).double()
+    return denoiser(x.to(dtype), s, labels).double()
 
 
 @torch.no_grad()
-def one_step_sample(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    return generator(z)
+def one_step_sample(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    return generator(z, labels)

@@ -46,21 +46,36 @@ def write_config(cfg: Config, out: Path) -> None:
     write_text(Path(out) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def eval_noise(cfg: Config, shape: tuple[int, ...]) -> torch.Tensor:
-    """The same latent noise for every evaluation of every run, so curves differ only by the networks."""
-    return torch.randn(cfg.data.n_eval, *shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+def eval_noise(cfg: Config, shape: tuple[int, ...], num_classes: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same latent noise (and balanced class labels) for every evaluation of every run, so that curves differ
+    only by the networks."""
+    z = torch.randn(cfg.data.n_eval, *shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+    labels = torch.arange(cfg.data.n_eval) % num_classes if num_classes else None
+    return z.to(device), None if labels is None else labels.to(device)
 
 
 @torch.no_grad()
-def in_batches(fn, z: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Apply ``fn`` to ``z`` a slice at a time, so that evaluating thousands of images fits in memory."""
-    return torch.cat([fn(z[i: i + batch]) for i in range(0, len(z), batch)])
+def in_batches(fn, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 500) -> torch.Tensor:
+    """``fn(z, labels)`` a slice at a time, so that evaluating thousands of images fits in memory."""
+    return torch.cat([fn(z[i: i + batch], None if labels is None else labels[i: i + batch]) for i in range(0, len(z), batch)])
 
 
-def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: Data) -> np.ndarray:
+def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: Data, num_classes: int = 0) -> np.ndarray:
     sigmas = karras_schedule(cfg.teacher.heun_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho)
-    z = eval_noise(cfg, data.shape).to(next(teacher.parameters()).device)
-    return data.from_model(in_batches(lambda zz: heun_sample(teacher.eval(), zz, sigmas), z))
+    z, labels = eval_noise(cfg, data.shape, num_classes, next(teacher.parameters()).device)
+    return data.from_model(in_batches(lambda zz, yy: heun_sample(teacher.eval(), zz, sigmas, yy), z, labels))
+
+
+def class_labels(data: Data, num_classes: int) -> torch.Tensor | None:
+    """The data's labels when the networks are class-conditional, with a clear error when it has none that fit."""
+    if not num_classes:
+        return None
+    if data.labels is None:
+        raise DisbackError(f"network.num_classes={num_classes} needs class labels, and '{data.name}' has none; "
+                           "set network.num_classes=0 or use labelled data (digits, fashion)")
+    if int(data.labels.max()) >= num_classes:
+        raise DisbackError(f"'{data.name}' has labels up to {int(data.labels.max())}; set network.num_classes to at least {int(data.labels.max()) + 1}")
+    return torch.as_tensor(data.labels, dtype=torch.long)
 
 
 def metrics_for(cfg: Config, data: Data):
@@ -80,10 +95,13 @@ def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True
     acc = accelerator()
     write_config(cfg, out)
     points = data.to_model(data.train).to(acc.device)
+    labels = class_labels(data, cfg.network.num_classes)
+    labels = None if labels is None else labels.to(acc.device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
-    def source(n: int) -> torch.Tensor:
-        return points[torch.randint(len(points), (n,), generator=gen)]
+    def source(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.randint(len(points), (n,), generator=gen)
+        return points[idx], None if labels is None else labels[idx]
 
     denoiser = build_denoiser(cfg.network, data.shape, cfg.edm.sigma_data)
     task = ScoreFitting(denoiser, source, batch=cfg.teacher.batch, lr=cfg.teacher.lr, edm=cfg.edm, accelerator=acc,
@@ -91,7 +109,7 @@ def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True
     train_loop(task, cfg.teacher.steps, log=MetricsLog(out / "metrics.jsonl"), eval_every=max(cfg.teacher.steps // 20, 1),
                evaluate=lambda: {}, show_progress=show_progress)
     teacher = task.ema
-    samples = teacher_samples(teacher, cfg, data)
+    samples = teacher_samples(teacher, cfg, data, cfg.network.num_classes)
     np.save(out / "samples.npy", samples)
     meta = denoiser_metadata(cfg.network, data.shape, cfg.edm, data.normaliser(), data.name)
     path = out / "teacher.safetensors"
@@ -111,8 +129,9 @@ def import_teacher(cfg: Config, data: Data, source: str, out: Path) -> Path:
     teacher, meta = import_pretrained(source)
     meta.update(edm=asdict(cfg.edm), normaliser={"mean": 0.5, "scale": 0.5}, data=data.name)  # diffusers images live in [-1, 1]
     check_data_matches(data, meta, Path(source))
+    class_labels(data, meta["num_classes"])
     write_config(cfg, out)
-    np.save(out / "samples.npy", teacher_samples(teacher, cfg, data))
+    np.save(out / "samples.npy", teacher_samples(teacher, cfg, data, meta["num_classes"]))
     path = out / "teacher.safetensors"
     save_weights(teacher, path, meta)
     return path
@@ -158,11 +177,12 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     teacher_file = resolve_teacher(teacher_file)
     teacher, meta = load_teacher(teacher_file)
     generator0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False).to(acc.device)
-    shape = tuple(meta["shape"])
+    shape, classes = tuple(meta["shape"]), meta.get("num_classes", 0)
 
-    def source(n: int) -> torch.Tensor:
+    def source(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        labels = torch.randint(classes, (n,), device=acc.device) if classes else None
         with torch.no_grad():
-            return generator0(torch.randn(n, *shape, device=acc.device))
+            return generator0(torch.randn(n, *shape, device=acc.device), labels), labels
 
     config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
     path = DegradationPath.create(out, config)
@@ -205,17 +225,17 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
     fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
     schedule = TargetSchedule(len(path), cfg.distill.switch_every)
     task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, shape=data.shape,
-                        accelerator=acc, stage=stage)
+                        accelerator=acc, stage=stage, num_classes=meta.get("num_classes", 0))
     measure = metrics_for(cfg, data)
-    z = eval_noise(cfg, data.shape).to(acc.device)
+    z, labels = eval_noise(cfg, data.shape, meta.get("num_classes", 0), acc.device)
 
     def evaluate() -> dict[str, float]:
-        return measure(data.from_model(in_batches(generator, z)))
+        return measure(data.from_model(in_batches(generator, z, labels)))
 
     started = time.time()
     records = train_loop(task, cfg.distill.steps, evaluate=evaluate, eval_every=cfg.eval.every,
                          log=MetricsLog(out / "metrics.jsonl"), show_progress=show_progress)
-    np.save(out / "samples.npy", data.from_model(in_batches(generator, z)))
+    np.save(out / "samples.npy", data.from_model(in_batches(generator, z, labels)))
     save_weights(generator, out / "generator.safetensors", {**meta, "kind": "generator", "sigma_g": cfg.distill.sigma_g})
     save_weights(fake, out / "fake.safetensors", meta)
     return {"records": records, "switches": task.switches, "elapsed_s": time.time() - started, "nodes": len(path)}
@@ -230,12 +250,13 @@ def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, p
         raise DisbackError("--n and --steps must be positive")
     model, meta = load_model(Path(model_file))
     z = torch.randn(n, *meta["shape"], generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(n) % meta["num_classes"] if meta.get("num_classes") else None  # balanced classes
     if meta["kind"] == "generator":
-        x = in_batches(model, z)
+        x = in_batches(model, z, labels)
     else:
         edm = meta["edm"]
         sigmas = karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])
-        x = in_batches(lambda zz: heun_sample(model.eval(), zz, sigmas), z)
+        x = in_batches(lambda zz, yy: heun_sample(model.eval(), zz, sigmas, yy), z, labels)
     norm = meta["normaliser"]
     samples = x.double().numpy() * norm["scale"] + np.asarray(norm["mean"])
     if len(meta["shape"]) == 3:

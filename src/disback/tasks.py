@@ -19,7 +19,7 @@ from disback.config import DistillConfig, EDMConfig
 from disback.losses import dmd_generator_loss, dsm_loss, karras_sigma, lognormal_sigma
 from disback.path import DegradationPath, TargetSchedule
 
-Source = Callable[[int], torch.Tensor]
+Source = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]  # n -> (x0, class labels or None)
 
 
 class ScoreFitting:
@@ -48,9 +48,9 @@ class ScoreFitting:
         return None
 
     def train_step(self) -> dict[str, float]:
-        x0 = self.source(self.batch)
+        x0, labels = self.source(self.batch)
         sigma = lognormal_sigma(len(x0), self.edm.p_mean, self.edm.p_std, device=x0.device)
-        loss = dsm_loss(self.model, x0, sigma, torch.randn_like(x0), self.edm.sigma_data)
+        loss = dsm_loss(self.model, x0, sigma, torch.randn_like(x0), self.edm.sigma_data, labels)
         self.optimiser.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.optimiser.step()
@@ -80,8 +80,10 @@ class Distillation:
         shape: tuple[int, ...],
         accelerator: Accelerator,
         stage: str,
+        num_classes: int = 0,
     ):
         self.stage, self.cfg, self.edm, self.shape, self.accelerator = stage, cfg, edm, tuple(shape), accelerator
+        self.num_classes = num_classes
         self.path, self.schedule = path, schedule
         path.load_node(path.last, fake)
         path.load_node(schedule.current, target)
@@ -96,27 +98,32 @@ class Distillation:
     def target_node(self) -> int:
         return self.schedule.current
 
-    def noise(self) -> torch.Tensor:
-        return torch.randn(self.cfg.batch, *self.shape, device=self.accelerator.device)
+    def noise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latent noise, and uniformly drawn class labels when the networks are class-conditional."""
+        device = self.accelerator.device
+        z = torch.randn(self.cfg.batch, *self.shape, device=device)
+        return z, torch.randint(self.num_classes, (self.cfg.batch,), device=device) if self.num_classes else None
 
     def fake_step(self) -> float:
         """Fit the fake score to the generator's current samples (L_dsm on stopgrad(G(z)))."""
+        z, labels = self.noise()
         with torch.no_grad():
-            x0 = self.generator(self.noise())
+            x0 = self.generator(z, labels)
         sigma = lognormal_sigma(len(x0), self.edm.p_mean, self.edm.p_std, device=x0.device)
-        loss = dsm_loss(self.fake, x0, sigma, torch.randn_like(x0), self.edm.sigma_data)
+        loss = dsm_loss(self.fake, x0, sigma, torch.randn_like(x0), self.edm.sigma_data, labels)
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.opt_f.step()
         return loss.item()
 
     def generator_step(self) -> float:
-        x0 = self.generator(self.noise())
+        z, labels = self.noise()
+        x0 = self.generator(z, labels)
         sigma = karras_sigma(len(x0), self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device)
         x_sigma = x0.detach() + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * torch.randn_like(x0)
         with torch.no_grad():
-            d_fake = self.fake(x_sigma, sigma)
-            d_target = self.target(x_sigma, sigma)
+            d_fake = self.fake(x_sigma, sigma, labels)
+            d_target = self.target(x_sigma, sigma, labels)
         loss = dmd_generator_loss(x0, d_fake, d_target)
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)

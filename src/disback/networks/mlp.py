@@ -31,7 +31,9 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
         self.act = nn.SiLU()
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            raise ValueError("the MLP backbone is unconditional")
         h = self.inp(x) + self.noise_proj(self.embed(c_noise))
         for block in self.blocks:
             h = h + block(self.act(h))  # residual blocks keep a deep MLP easy to train from scratch

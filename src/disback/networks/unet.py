@@ -29,6 +29,7 @@ def make_unet(cfg: NetworkConfig, shape: tuple[int, ...]):
         norm_num_groups=cfg.norm_groups,
         attention_head_dim=8,
         add_attention=any(cfg.attention),  # the mid-block's attention follows the levels'
+        num_class_embeds=cfg.num_classes or None,
     )
 
 
@@ -37,5 +38,5 @@ class UNetBackbone(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, c_noise * NOISE_SCALE).sample
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, c_noise * NOISE_SCALE, class_labels=labels).sample
