@@ -75,6 +75,7 @@ def speedups(summary: dict[str, Any], factor: float) -> tuple[dict[str, Any], di
 
 
 def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, Any]:
+    begun = time.perf_counter()
     out = Path(out)
     prepare_out(out)
     stages.write_config(cfg, out)
@@ -119,5 +120,6 @@ def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, An
     if data.kind == "images":
         summary["features"] = {k: v for k, v in measure.info.items() if k != "file"}
     summary["speedup"], summary["speedup_by_factor"] = speedups(summary, cfg.eval.threshold_factor)
+    summary["elapsed_s"] = round(time.perf_counter() - begun, 1)  # the whole job: teacher, both runs, evaluations
     write_json(out / "summary.json", summary)
     return summary
