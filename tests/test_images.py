@@ -197,3 +197,20 @@ def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classe
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected.numpy(), atol=1e-5)
     # Exporting over a non-empty folder is refused.
     assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 2
+
+
+def test_demo_on_a_folder_of_images_it_has_never_seen(tmp_path, capsys):
+    """Unlabelled RGB images of another size: resized to the preset, measured with a rotation-trained classifier."""
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        img = np.zeros((24, 24, 3), dtype=np.uint8)
+        r, c = rng.integers(2, 14, size=2)
+        img[r: r + 8, c: c + 8, rng.integers(3)] = 255
+        Image.fromarray(img).save(folder / f"shape{i}.jpg" if i % 2 else folder / f"shape{i}.png")
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", str(folder), "--out", str(out), *IMAGE_ARGS]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["data"] == str(folder) and s["features"]["task"] == "rotation"
+    assert np.load(out / "baseline" / "samples.npy").shape == (100, 1, 8, 8)

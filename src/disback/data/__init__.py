@@ -123,7 +123,7 @@ def _image_set(cfg: DataConfig, seed: int) -> Data:
     if images.shape[1] != cfg.channels:
         images = np.repeat(images, cfg.channels, axis=1) if cfg.channels == 3 else images.mean(1, keepdims=True)
     if images.shape[-1] != cfg.resolution:
-        images = np.stack([image_io._resize(im, cfg.resolution, Path(cfg.name)) for im in images])
+        images = np.stack([image_io.resize(im, cfg.resolution, Path(cfg.name)) for im in images])
     return _images(cfg.name, images, labels, seed)
 
 

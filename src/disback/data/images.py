@@ -71,7 +71,7 @@ def read_image_source(path: Path, resolution: int, channels: int) -> np.ndarray:
         raise DisbackError(f"{path}: images must be a folder of PNG/JPEG files or an .npz array")
     if len(arrays) < MIN_IMAGES:
         raise DisbackError(f"{path} holds {len(arrays)} images; at least {MIN_IMAGES} are needed to fit a teacher")
-    return np.stack([_resize(a, resolution, path) for a in arrays]).astype(np.float32)
+    return np.stack([resize(a, resolution, path) for a in arrays]).astype(np.float32)
 
 
 def _read_folder(folder: Path, channels: int) -> list[np.ndarray]:
@@ -115,7 +115,7 @@ def _read_npz(path: Path, channels: int) -> list[np.ndarray]:
     return list(arr)
 
 
-def _resize(image: np.ndarray, resolution: int, where: Path) -> np.ndarray:
+def resize(image: np.ndarray, resolution: int, where: Path) -> np.ndarray:
     """Centre-crop to a square, then resize with a box filter (area average), so any size maps to the preset's."""
     from PIL import Image
 
