@@ -28,12 +28,6 @@ class EDMDenoiser(nn.Module):
         return c_skip * x + c_out * self.backbone(c_in * x, c_noise, labels)
 
 
-def score(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """grad_x log p_sigma(x) = (D(x; sigma) - x) / sigma^2."""
-    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-    return (denoiser(x, sigma) - x) / s**2
-
-
 class VPDenoiser(nn.Module):
     """A diffusers UNet trained on a discrete VP schedule, seen as a denoiser D(x; sigma), as k-diffusion does.
 

@@ -31,8 +31,3 @@ def _denoise(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: 
     dtype = next(denoiser.parameters()).dtype
     s = torch.full((x.shape[0],), float(sigma), dtype=dtype, device=x.device)
     return denoiser(x.to(dtype), s, labels).double()
-
-
-@torch.no_grad()
-def one_step_sample(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    return generator(z, labels)

@@ -1,6 +1,6 @@
 """Weights on disk: safetensors only, written atomically, loaded with exact key and shape matching.
 
-The original DisBack release loaded node files with strict=False into a model whose keys did not match, so nothing
+The original DisBack release loaded node files without key checking into a model whose keys did not match, so nothing
 was loaded and no error was raised. Here every load compares keys and shapes first and names what differs.
 """
 
