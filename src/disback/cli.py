@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = _config(args)
         run_demo(cfg, Path(args.out), show)
-        print(write_report(Path(args.out), load_data(cfg.data, cfg.seed).reference))
+        print(write_report(Path(args.out)))
         print(f"\nreport: {Path(args.out) / 'report.md'}")
     elif args.command == "teacher":
         cfg = _config(args)

@@ -52,7 +52,6 @@ def speedup(factor: float, measure: str, teacher_value: float, disback: dict, ba
     out: dict[str, Any] = {
         "threshold_factor": factor,
         f"threshold_{measure}": threshold,
-        "threshold": threshold,
         "iterations_disback": hit_d["iteration"] if hit_d else None,
         "iterations_baseline": hit_b["iteration"] if hit_b else None,
         "iterations_disback_with_stage1": hit_d["iteration"] + disback["stage1_steps"] if hit_d else None,
@@ -80,6 +79,7 @@ def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, An
     prepare_out(out)
     stages.write_config(cfg, out)
     data = load_data(cfg.data, cfg.seed)
+    np.save(out / "reference.npy", data.reference[: cfg.data.n_eval])  # the report's "data" panel
     measure = stages.metrics_for(cfg, data)
 
     teacher_file = stages.train_teacher(cfg, data, out / "teacher", show_progress)

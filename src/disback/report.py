@@ -41,7 +41,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
             ax.plot([r["iteration"] for r in curve], values, label=label, color=colour)
         ax.axhline(summary["teacher"][m], color="k", ls=":", label="teacher (Heun)")
         if m == summary["measure"]:
-            ax.axhline(summary["speedup"]["threshold"], color="gray", ls="--", label="threshold")
+            ax.axhline(summary["speedup"][f"threshold_{m}"], color="gray", ls="--", label="threshold")
         if m in LOG_SCALE:
             ax.set_yscale("log")
         for s in summary["runs"]["disback"]["switches"]:
@@ -86,12 +86,11 @@ def picture(samples: np.ndarray, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_samples(out: Path, path: Path, reference: np.ndarray | None) -> None:
+def plot_samples(out: Path, path: Path) -> None:
     plt = _plt()
-    panels = [("data", reference)] + [
-        (title, np.load(out / folder / "samples.npy")) for folder, title in (("teacher", "teacher"), ("baseline", "baseline"), ("disback", "DisBack"))
-    ]
-    panels = [(t, x) for t, x in panels if x is not None]
+    panels = [(title, np.load(out / file)) for file, title in (("reference.npy", "data"), ("teacher/samples.npy", "teacher"),
+                                                              ("baseline/samples.npy", "baseline"), ("disback/samples.npy", "DisBack"))
+              if (out / file).is_file()]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3))
     frame = panels[0][1]
     for ax, (title, x) in zip(axes, panels):
@@ -128,7 +127,7 @@ def table(summary: dict[str, Any]) -> str:
         rows.append([label] + [_fmt(final.get(c)) for c in cols] + [_fmt(iters), _fmt(with_stage1), _fmt(wall, 3)])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     note = (
-        f"Threshold: {m} <= {sp['threshold_factor']:g} x teacher = {sp['threshold']:.4g}. "
+        f"Threshold: {m} <= {sp['threshold_factor']:g} x teacher = {sp[f'threshold_{m}']:.4g}. "
         f"Stage 1 took {b['stage1_steps']} steps ({summary['runs']['disback']['stage1_wall_s']:.1f} s) for {b['nodes']} nodes."
     )
     if "speedup_iterations" in sp:
@@ -148,7 +147,7 @@ def factor_table(summary: dict[str, Any]) -> str:
     lines = ["| threshold | baseline iters | DisBack iters | DisBack iters + stage 1 | speed-up (iters) | speed-up with stage 1 |", "|---|---|---|---|---|---|"]
     for key, sp in summary.get("speedup_by_factor", {}).items():
         ratios = [f"{sp[k]:.2f}x" if k in sp else "n/a" for k in ("speedup_iterations", "speedup_with_stage1")]
-        cells = [f"{key}x teacher ({sp['threshold']:.3g})", _fmt(sp["iterations_baseline"]), _fmt(sp["iterations_disback"]),
+        cells = [f"{key}x teacher ({sp['threshold_' + summary['measure']]:.3g})", _fmt(sp["iterations_baseline"]), _fmt(sp["iterations_disback"]),
                  _fmt(sp["iterations_disback_with_stage1"]), *ratios]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -165,14 +164,14 @@ MEASURES_TEXT = {
 }
 
 
-def write_report(out: Path, reference: np.ndarray | None = None) -> str:
+def write_report(out: Path) -> str:
     """Write report.md and its PNGs into ``out``; return the table."""
     out = Path(out)
     if not (out / "summary.json").is_file():
         raise DisbackError(f"{out} has no summary.json; run `disback demo --out {out}` first")
     summary = json.loads((out / "summary.json").read_text())
     plot_curves(summary, out / "curves.png")
-    plot_samples(out, out / "samples.png", reference)
+    plot_samples(out, out / "samples.png")
     b = summary["budgets"]
     kind = "images" if summary["measure"] == "fid" else "points"
     text = f"""# DisBack demo on `{summary['data']}` (seed {summary['seed']})

@@ -9,7 +9,6 @@ distill         teacher + path -> generator.safetensors (stage 2, Distribution B
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from disback.config import Config
-from disback.data import Data
+from disback.data import Data, to_units
 from disback.errors import DisbackError
 from disback.metrics import build_metrics
 from disback.models import build_denoiser, denoiser_metadata, generator_from_teacher, import_pretrained, load_model
@@ -146,7 +145,7 @@ def load_teacher(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def check_data_matches(data: Data, meta: dict[str, Any], where: Path) -> None:
-    """Networks see standardised points: use the teacher's standardisation, and refuse data of another dimension."""
+    """Networks see standardised data: use the teacher's standardisation, and refuse data of another shape."""
     if tuple(meta["shape"]) != data.shape:
         raise DisbackError(
             f"the teacher {where} takes samples of shape {tuple(meta['shape'])} but the data '{data.name}' has shape {data.shape}; "
@@ -232,13 +231,12 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
     def evaluate() -> dict[str, float]:
         return measure(data.from_model(in_batches(generator, z, labels)))
 
-    started = time.time()
     records = train_loop(task, cfg.distill.steps, evaluate=evaluate, eval_every=cfg.eval.every,
                          log=MetricsLog(out / "metrics.jsonl"), show_progress=show_progress)
     np.save(out / "samples.npy", data.from_model(in_batches(generator, z, labels)))
     save_weights(generator, out / "generator.safetensors", {**meta, "kind": "generator", "sigma_g": cfg.distill.sigma_g})
     save_weights(fake, out / "fake.safetensors", meta)
-    return {"records": records, "switches": task.switches, "elapsed_s": time.time() - started, "nodes": len(path)}
+    return {"records": records, "switches": task.switches, "nodes": len(path)}
 
 
 # ---------------------------------------------------------------- sampling a saved model
@@ -257,10 +255,7 @@ def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, p
         edm = meta["edm"]
         sigmas = karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])
         x = in_batches(lambda zz, yy: heun_sample(model.eval(), zz, sigmas, yy), z, labels)
-    norm = meta["normaliser"]
-    samples = x.double().numpy() * norm["scale"] + np.asarray(norm["mean"])
-    if len(meta["shape"]) == 3:
-        samples = np.clip(samples, 0, 1).astype(np.float32)
+    samples = to_units(x, meta["normaliser"], images=len(meta["shape"]) == 3)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, samples)

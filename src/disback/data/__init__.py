@@ -47,8 +47,7 @@ class Data:
         return torch.as_tensor((x - self.mean) / self.scale, dtype=torch.float32)
 
     def from_model(self, x: torch.Tensor) -> np.ndarray:
-        out = x.detach().cpu().double().numpy() * self.scale + self.mean
-        return np.clip(out, 0.0, 1.0).astype(np.float32) if self.kind == "images" else out
+        return to_units(x, self.normaliser(), images=self.kind == "images")
 
     def normaliser(self) -> dict:
         mean = self.mean.tolist() if isinstance(self.mean, np.ndarray) else self.mean
@@ -58,6 +57,12 @@ class Data:
         mean = norm["mean"]
         self.mean = np.asarray(mean, dtype=np.float64) if isinstance(mean, list) else float(mean)
         self.scale = float(norm["scale"])
+
+
+def to_units(x: torch.Tensor, normaliser: dict, images: bool) -> np.ndarray:
+    """Undo the standardisation: points in their own coordinates, images clipped to [0, 1]."""
+    out = x.detach().cpu().double().numpy() * normaliser["scale"] + np.asarray(normaliser["mean"])
+    return np.clip(out, 0.0, 1.0).astype(np.float32) if images else out
 
 
 def builtin_names() -> list[str]:
