@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from disback import stages
 from disback.data import load_data
-from disback.tasks import Distillation, ScoreFitting
+from disback.path import DegradationPath
+from disback.tasks import METHODS, Distillation, ScoreFitting
 from disback.train import train_loop
 
 from conftest import tiny_config
@@ -28,6 +33,35 @@ def test_baseline_and_disback_go_through_the_same_loop(tiny_teacher, tmp_path, m
         (Distillation, "backtrack", [3, 2, 1, 0]),
         (Distillation, "distill", [0]),
     ]
+
+
+@pytest.mark.parametrize("method", ["vsd", "dmd", "dmd2", "sid"])
+def test_every_method_runs_through_the_one_loop_with_and_without_backtracking(tiny_teacher, tmp_path, monkeypatch, method):
+    teacher_file, cfg = tiny_teacher
+    cfg = tiny_config(network={"hidden": 64}, distill={"method": method, "steps": 12, "schedule": "fixed", "switch_every": 3},
+                      eval={"every": 6})
+    path = DegradationPath.load(_shared_path(teacher_file, cfg, tmp_path))
+    seen = []
+
+    def spy(task, steps, **kw):
+        seen.append((type(task), task.method))
+        return train_loop(task, steps, **kw)
+
+    monkeypatch.setattr(stages, "train_loop", spy)
+    data = load_data(cfg.data, cfg.seed)
+    for run_path in (path, None):
+        result = stages.distill(cfg, data, teacher_file, run_path, tmp_path / f"{method}-{run_path is None}", show_progress=False)
+        last = result["records"][-1]
+        assert math.isfinite(last["swd"]) and math.isfinite(last["loss_generator"])
+        assert ("loss_head" in last) == (method == "dmd2")
+    assert seen == [(Distillation, METHODS[method])] * 2
+    assert result["switches"] == [] and len(path) == 5
+
+
+def _shared_path(teacher_file, cfg, tmp_path):
+    out = tmp_path / "path"
+    stages.record_path(cfg, teacher_file, out, show_progress=False)
+    return out
 
 
 def test_distillation_improves_the_generator(tiny_teacher, tmp_path):

@@ -12,7 +12,8 @@ from disback import stages
 from disback.data import load_data
 from disback.errors import DisbackError
 from disback.models import build_denoiser, generator_from_teacher, load_model
-from disback.path import DegradationPath, TargetSchedule
+from disback.path import AdaptiveSchedule, DegradationPath, FixedSchedule, WarmStart
+from disback.recording import DistanceProbe, StepRecorder
 from disback.tasks import Distillation, ScoreFitting
 from disback.train import train_loop
 from disback.weights import load_weights, save_weights, sha256_file
@@ -45,7 +46,8 @@ def test_recorder_writes_n_plus_one_nodes_matching_sha_and_the_model_at_their_st
     task = ScoreFitting(degrading, lambda n: (gen0(torch.randn(n, 2)), None), batch=32, lr=1e-3, edm=cfg.edm,
                         accelerator=stages.accelerator(), stage="degrade")
     snaps = Snapshots(degrading)
-    train_loop(task, 12, callbacks=[stages.PathRecorder(path, degrading, 4, meta), snaps], show_progress=False)
+    probe = DistanceProbe(teacher, gen0(torch.randn(32, 2)), None, cfg.edm)
+    train_loop(task, 12, callbacks=[StepRecorder(path, degrading, [4, 8, 12], meta, probe), snaps], show_progress=False)
 
     reloaded = DegradationPath.load(tmp_path / "path")
     assert [n.index for n in reloaded.nodes] == [0, 1, 2, 3]
@@ -57,6 +59,11 @@ def test_recorder_writes_n_plus_one_nodes_matching_sha_and_the_model_at_their_st
         state = load_file(str(file))
         assert state.keys() == expected.keys()
         assert all(torch.equal(state[k], expected[k]) for k in state), f"node {node.index} differs from the model at step {node.step}"
+    # Each node's recorded distance is the probe's measure of that node's weights.
+    for node in reloaded.nodes[1:]:
+        model = copy.deepcopy(teacher)
+        model.load_state_dict(snaps.states[node.step])
+        assert node.distance == pytest.approx(probe(model)) and node.distance > 0
     # The model kept training after a node was saved: consecutive nodes must differ.
     a, b = load_file(str(tmp_path / "path" / reloaded.nodes[1].file)), load_file(str(tmp_path / "path" / reloaded.nodes[2].file))
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -74,16 +81,21 @@ def test_record_path_stage_makes_the_configured_number_of_nodes(tiny_teacher, tm
     assert _equal(node0, teacher.state_dict())
 
 
-def test_target_schedule_order_and_dwell():
-    s = TargetSchedule(num_nodes=5, every=3)
+def test_fixed_schedule_order_and_dwell():
+    s = FixedSchedule(num_nodes=5, every=3)
     visited = [s.current]
     for _ in range(30):
         if s.step():
             visited.append(s.current)
     assert visited == [3, 2, 1, 0]
     assert s.at_teacher
-    one = TargetSchedule(num_nodes=1, every=1)
+    one = FixedSchedule(num_nodes=1, every=1)
     assert one.current == 0 and not any(one.step() for _ in range(5))
+
+
+def test_warm_start_targets_the_teacher_from_the_first_step():
+    s = WarmStart(num_nodes=6)
+    assert s.current == 0 and not any(s.step(1.0) for _ in range(50))
 
 
 def _distinct_path(root, cfg, n_nodes):
@@ -98,13 +110,15 @@ def _distinct_path(root, cfg, n_nodes):
     return path, model
 
 
-def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exactly(tmp_path):
+@pytest.mark.parametrize("kind", ["fixed", "adaptive"])
+def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exactly(tmp_path, kind):
     cfg = tiny_config(distill={"switch_every": 3, "steps": 20})
+    schedule = FixedSchedule(5, 3) if kind == "fixed" else AdaptiveSchedule(5, ratio=0.5, min_dwell=2, max_dwell=4)
     path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=5)
     node_states = {n.index: load_file(str(tmp_path / "path" / n.file)) for n in path.nodes}
     generator = generator_from_teacher(model, cfg.distill.sigma_g)
     fake, target = copy.deepcopy(model), copy.deepcopy(model)
-    task = Distillation(generator, fake, target, path, TargetSchedule(len(path), 3), cfg=cfg.distill, edm=cfg.edm,
+    task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm,
                         shape=(2,), accelerator=stages.accelerator(), stage="backtrack")
     assert _equal(fake, node_states[4]), "the fake score must start at the last node"
 
@@ -121,7 +135,10 @@ def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exac
     visits = [n for i, n in enumerate(seen) if i == 0 or seen[i - 1] != n]
     assert visits[0] == 3 and visits == [3, 2, 1, 0], visits
     assert seen[-1] == 0 and task.schedule.at_teacher
-    assert task.switches == [3, 6, 9]
+    if kind == "fixed":
+        assert task.switches == [3, 6, 9]
+    else:
+        assert all(2 <= b - a <= 4 for a, b in zip([0] + task.switches, task.switches)), task.switches
 
 
 def test_loading_a_node_whose_keys_do_not_match_fails_loudly(tmp_path):

@@ -20,6 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="built-in data (ring8, grid25, moons, swissroll, checkerboard, digits, fashion), an .npy/.csv "
                    "file of N x D points, or a folder / .npz of images")
     p.add_argument("--seed", type=int)
+    p.add_argument("--method", choices=["vsd", "dmd", "dmd2", "sid"],
+                   help="generator loss (distill.method): Diff-Instruct/VSD, DMD, DMD2 (DMD + GAN term), SiD")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -76,6 +78,8 @@ def _config(args: argparse.Namespace, data_default: str | None = None):
     overrides = parse_overrides(args.overrides)
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.method:
+        overrides.setdefault("distill", {})["method"] = args.method
     data = args.data or data_default
     if data:
         overrides.setdefault("data", {})["name"] = data

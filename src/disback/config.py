@@ -64,6 +64,10 @@ class DegradeConfig:
     nodes: int  # N: nodes after the teacher; the path holds N + 1
     batch: int
     lr: float
+    spacing: str = "distance"  # where nodes go: "steps" (every K_1/N steps, the paper), "geometric", "distance"
+    probes: int = 0  # distance measurements during stage 1 (dense early); 0 = 16 per node
+    candidates: int = 4  # "distance": checkpoints per node held in CPU memory until the nodes are chosen
+    plateau: float = 0.0  # "distance": end stage 1 early once the distance grew < this fraction over the last half
 
 
 @dataclass
@@ -74,9 +78,18 @@ class DistillConfig:
     lr_fake: float
     fake_updates: int  # fake-score updates per generator update
     sigma_g: float  # the generator is one denoiser call at this noise level
-    switch_every: int  # M: generator steps between target switches
+    switch_every: int  # M: generator steps between target switches ("fixed" schedule)
     sigma_min: float  # noise levels of the generator loss, spread on the Karras schedule
     sigma_max: float
+    method: str = "dmd"  # generator loss: "vsd" (Diff-Instruct), "dmd", "dmd2" (DMD + GAN term), "sid"
+    sid_alpha: float = 1.2  # sid: the alpha of SiD's loss (1.2 in the SiD paper)
+    gan_weight: float = 0.003  # dmd2: weight of the GAN term in the generator's loss (DMD2's ImageNet value)
+    gan_head_weight: float = 0.01  # dmd2: weight of the GAN head's loss in the fake score's loss (DMD2's)
+    schedule: str = "adaptive"  # how the target walks back: "fixed" (every switch_every steps, the paper),
+    #                             "adaptive" (when the generator has caught up), "warm_start" (teacher at once)
+    switch_ratio: float = 0.5  # adaptive: advance when the fake-target gap falls to this fraction of its start
+    min_dwell: int = 20  # adaptive: generator steps on a node before it may advance
+    max_dwell: int = 200  # adaptive: generator steps after which it advances regardless
 
 
 @dataclass
@@ -223,6 +236,16 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
 
 # ---------------------------------------------------------------- range checks
 
+SPACINGS = ("steps", "geometric", "distance")
+SCHEDULES = ("fixed", "adaptive", "warm_start")
+METHODS = ("vsd", "dmd", "dmd2", "sid")  # disback.tasks.METHODS holds what they do
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        raise DisbackError(f"'{key}' must be one of {', '.join(choices)}, got '{value}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+
 _POSITIVE = {
     "data": ["n_eval"],
     "network": ["hidden", "depth", "emb_dim", "layers_per_block", "norm_groups"],
@@ -249,6 +272,21 @@ def _check(cfg: Config) -> None:
             f"'degrade.nodes' ({cfg.degrade.nodes}) cannot exceed 'degrade.steps' ({cfg.degrade.steps}): "
             "each node needs at least one training step"
         )
+    _check_choice("degrade.spacing", cfg.degrade.spacing, SPACINGS)
+    _check_choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
+    _check_choice("distill.method", cfg.distill.method, METHODS)
+    if cfg.distill.method == "dmd2" and cfg.distill.fake_updates < 2:
+        raise DisbackError(f"method dmd2 updates the fake score on a faster time-scale: set distill.fake_updates to 2 or more (DMD2 uses 5), got {cfg.distill.fake_updates}")
+    if cfg.distill.gan_weight < 0 or cfg.distill.gan_head_weight < 0:
+        raise DisbackError("'distill.gan_weight' and 'distill.gan_head_weight' must be 0 or more")
+    if not 0.0 <= cfg.degrade.plateau < 1.0 or (cfg.degrade.plateau and cfg.degrade.spacing != "distance"):
+        raise DisbackError(f"'degrade.plateau' must be in [0, 1) and needs degrade.spacing=distance; got {cfg.degrade.plateau} with '{cfg.degrade.spacing}'")
+    if cfg.degrade.probes < 0 or cfg.degrade.candidates < 2:
+        raise DisbackError("'degrade.probes' must be 0 (automatic) or more, and 'degrade.candidates' at least 2")
+    if not 0.0 < cfg.distill.switch_ratio < 1.0:
+        raise DisbackError(f"'distill.switch_ratio' must be in (0, 1), got {cfg.distill.switch_ratio}")
+    if not 1 <= cfg.distill.min_dwell <= cfg.distill.max_dwell:
+        raise DisbackError(f"need 1 <= 'distill.min_dwell' ({cfg.distill.min_dwell}) <= 'distill.max_dwell' ({cfg.distill.max_dwell})")
     for section in (cfg.edm, cfg.distill):
         if section.sigma_min >= section.sigma_max:
             raise DisbackError(f"sigma_min ({section.sigma_min}) must be below sigma_max ({section.sigma_max})")

@@ -26,6 +26,7 @@ class Node:
     step: int  # stage-1 training step at which the node was saved (0 for the teacher)
     file: str  # relative to the path folder
     sha256: str
+    distance: float | None = None  # measured distance from the teacher (disback.recording.DistanceProbe)
 
 
 class DegradationPath:
@@ -52,12 +53,12 @@ class DegradationPath:
             raise DisbackError(f"{root} already holds a degradation path; choose another --out or delete it")
         return cls(root, [], config)
 
-    def add_node(self, model: nn.Module, step: int, metadata: dict[str, Any]) -> Node:
+    def add_node(self, model: nn.Module, step: int, metadata: dict[str, Any], distance: float | None = None) -> Node:
         """Write the model's weights as the next node, then rewrite the manifest (both atomically)."""
         index = len(self.nodes)
         file = f"node-{index:03d}.safetensors"
         sha = save_weights(model, self.root / file, {**metadata, "node": index, "step": step})
-        node = Node(index, step, file, sha)
+        node = Node(index, step, file, sha, distance)
         self.nodes.append(node)
         self._write_manifest()
         return node
@@ -104,15 +105,14 @@ class TargetSchedule:
     """Which node the target score is, generator step by generator step.
 
     The path is walked back: the fake score starts at node N, the target at node N-1, and the target moves one node
-    toward the teacher every ``every`` generator steps until it reaches node 0, where it stays. With a one-node path
-    the target is the teacher from the start (the baseline).
+    toward the teacher at a time, never skipping one, until it reaches node 0, where it stays. With a one-node path
+    the target is the teacher from the start (the baseline). Subclasses decide *when* it moves.
     """
 
-    def __init__(self, num_nodes: int, every: int):
-        if num_nodes < 1 or every < 1:
-            raise ValueError("a schedule needs at least one node and a positive interval")
+    def __init__(self, num_nodes: int):
+        if num_nodes < 1:
+            raise ValueError("a schedule needs at least one node")
         self.order = list(range(num_nodes - 2, -1, -1)) if num_nodes > 1 else [0]
-        self.every = every
         self.position = 0
         self.since_switch = 0
 
@@ -125,17 +125,97 @@ class TargetSchedule:
     def at_teacher(self) -> bool:
         return self.current == 0
 
-    def step(self) -> bool:
-        """Count one generator step; return True when the target must move to the next node."""
+    def step(self, gap: float | None = None) -> bool:
+        """Count one generator step (``gap``: the fake-target gap it measured); True when the target must move on."""
         self.since_switch += 1
-        if self.position + 1 < len(self.order) and self.since_switch >= self.every:
+        if self.position + 1 < len(self.order) and self.ready(gap):
             self.position += 1
             self.since_switch = 0
             return True
         return False
 
-    def state_dict(self) -> dict[str, int]:
+    def ready(self, gap: float | None) -> bool:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "since_switch": self.since_switch}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position, self.since_switch = state["position"], state["since_switch"]
+
+
+class FixedSchedule(TargetSchedule):
+    """The paper's schedule: the target moves every ``every`` generator steps."""
+
+    def __init__(self, num_nodes: int, every: int):
+        super().__init__(num_nodes)
+        if every < 1:
+            raise ValueError("the switching interval must be positive")
+        self.every = every
+
+    def ready(self, gap: float | None) -> bool:
+        return self.since_switch >= self.every
+
+
+class AdaptiveSchedule(TargetSchedule):
+    """The target moves when the generator has caught up with it.
+
+    The signal is the gap between the fake and the target denoisers on generator samples, which the generator step
+    computes anyway: the fake score tracks the generator, so the gap measures how far the generator is from the
+    target node. Its mean over the first ``window`` steps on a node is the reference; the target moves on when the
+    mean of the last ``window`` steps has fallen to ``ratio`` times the reference (after at least ``min_dwell``
+    steps), or after ``max_dwell`` steps whatever the gap.
+    """
+
+    def __init__(self, num_nodes: int, ratio: float, min_dwell: int, max_dwell: int):
+        super().__init__(num_nodes)
+        if not 0 < ratio < 1 or not 1 <= min_dwell <= max_dwell:
+            raise ValueError("need 0 < ratio < 1 and 1 <= min_dwell <= max_dwell")
+        self.ratio, self.min_dwell, self.max_dwell = ratio, min_dwell, max_dwell
+        self.window = max(min_dwell // 2, 1)
+        self.gaps: list[float] = []  # gaps measured on the current node
+
+    def ready(self, gap: float | None) -> bool:
+        if gap is None:
+            raise ValueError("the adaptive schedule needs the fake-target gap of every generator step")
+        self.gaps.append(gap)
+        if self.since_switch >= self.max_dwell:
+            return self._advance()
+        if self.since_switch < self.min_dwell or len(self.gaps) < 2 * self.window:
+            return False
+        reference = sum(self.gaps[: self.window]) / self.window
+        recent = sum(self.gaps[-self.window:]) / self.window
+        return recent <= self.ratio * reference and self._advance()
+
+    def _advance(self) -> bool:
+        self.gaps = []
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "gaps": list(self.gaps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.gaps = list(state.get("gaps", []))
+
+
+class WarmStart(TargetSchedule):
+    """The fake score starts at the path's last node but the target is the teacher from the first step: the path's
+    end alone, without walking back through the nodes between (the ablation that separates the two effects)."""
+
+    def __init__(self, num_nodes: int):
+        super().__init__(1)
+
+    def ready(self, gap: float | None) -> bool:
+        return False
+
+
+def make_schedule(num_nodes: int, kind: str, *, every: int, ratio: float, min_dwell: int, max_dwell: int) -> TargetSchedule:
+    """The schedule that ``distill.schedule`` names."""
+    if kind == "fixed":
+        return FixedSchedule(num_nodes, every)
+    if kind == "adaptive":
+        return AdaptiveSchedule(num_nodes, ratio, min_dwell, max_dwell)
+    if kind == "warm_start":
+        return WarmStart(num_nodes)
+    raise ValueError(f"unknown schedule '{kind}'")

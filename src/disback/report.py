@@ -164,6 +164,17 @@ MEASURES_TEXT = {
 }
 
 
+def schedule_text(b: dict) -> str:
+    kind = b.get("target_schedule", "fixed")
+    if kind == "fixed":
+        return f"the target walks the path back one node every {b['switch_every']} generator steps to the teacher"
+    if kind == "adaptive":
+        low, high = b["dwell"]
+        return (f"the target walks the path back one node whenever the generator has caught up with it (the fake-target "
+                f"gap fell to a set fraction of its start), after {low} to {high} generator steps per node")
+    return "the target is the teacher from the first step (warm start: the path's end only)"
+
+
 def write_report(out: Path) -> str:
     """Write report.md and its PNGs into ``out``; return the table."""
     out = Path(out)
@@ -189,13 +200,12 @@ Generator iterations to other thresholds ({summary['measure']} at most k x the t
 ## What ran
 - **Teacher**: {b.get('teacher', 'an EDM denoiser')}, {b['teacher_steps']} training steps; sampled with the EDM Heun sampler.
 - **Stage 1, Degradation Recording**: a copy of the teacher fine-tuned for {b['stage1_steps']} steps on samples of the
-  frozen initial generator, saving {b['nodes']} nodes (node 0 = teacher) to `path/`.
-- **Stage 2, Distribution Backtracking** (`disback/`): fake score starts at the last node, the target walks the path back
-  one node every {b['switch_every']} generator steps to the teacher.
+  frozen initial generator, saving {b['nodes']} nodes (node 0 = teacher) to `path/`, placed by {b.get('node_spacing', 'steps')}.
+- **Stage 2, Distribution Backtracking** (`disback/`): fake score starts at the last node; {schedule_text(b)}.
 - **Baseline** (`baseline/`): the same loop with the teacher as the only node (fake score starts at the teacher).
 - Both: {b['generator_steps']} generator steps, batch {b['batch']}, {b['fake_updates_per_generator_step']} fake-score
-  update(s) per generator step, DMD-weighted generator loss, same seeds; evaluated every {b['eval_every']} iterations on
-  {b['eval_samples']} samples from fixed noise.
+  update(s) per generator step, generator loss `{b.get('method', 'dmd')}`, same seeds; evaluated every {b['eval_every']}
+  iterations on {b['eval_samples']} samples from fixed noise.
 
 ## Measures
 {MEASURES_TEXT[kind]}

@@ -24,9 +24,10 @@ from disback.data import Data, to_units
 from disback.errors import DisbackError
 from disback.metrics import build_metrics
 from disback.models import build_denoiser, denoiser_metadata, generator_from_teacher, import_pretrained, load_model
-from disback.path import DegradationPath, TargetSchedule
+from disback.path import DegradationPath, make_schedule
+from disback.recording import DistanceProbe, DistanceRecorder, StepRecorder, node_steps
 from disback.sampling import heun_sample, karras_schedule
-from disback.tasks import Distillation, ScoreFitting
+from disback.tasks import METHODS, Distillation, ScoreFitting, Source
 from disback.train import MetricsLog, train_loop
 from disback.weights import save_weights, sha256_file, write_text
 
@@ -77,6 +78,20 @@ def class_labels(data: Data, num_classes: int) -> torch.Tensor | None:
     return torch.as_tensor(data.labels, dtype=torch.long)
 
 
+def data_source(data: Data, num_classes: int, device, seed: int) -> Source:
+    """Minibatches of the training data (and their labels when the networks are class-conditional)."""
+    points = data.to_model(data.train).to(device)
+    labels = class_labels(data, num_classes)
+    labels = None if labels is None else labels.to(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def source(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.randint(len(points), (n,), generator=gen)
+        return points[idx], None if labels is None else labels[idx]
+
+    return source
+
+
 def metrics_for(cfg: Config, data: Data):
     return build_metrics(data, cfg.eval.projections, cfg.eval.features, cfg.eval.classifier_steps)
 
@@ -93,15 +108,7 @@ def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True
     set_seed(cfg.seed)
     acc = accelerator()
     write_config(cfg, out)
-    points = data.to_model(data.train).to(acc.device)
-    labels = class_labels(data, cfg.network.num_classes)
-    labels = None if labels is None else labels.to(acc.device)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-
-    def source(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = torch.randint(len(points), (n,), generator=gen)
-        return points[idx], None if labels is None else labels[idx]
-
+    source = data_source(data, cfg.network.num_classes, acc.device, cfg.seed)
     denoiser = build_denoiser(cfg.network, data.shape, cfg.edm.sigma_data)
     task = ScoreFitting(denoiser, source, batch=cfg.teacher.batch, lr=cfg.teacher.lr, edm=cfg.edm, accelerator=acc,
                         stage="teacher", ema_decay=cfg.teacher.ema_decay)
@@ -157,25 +164,16 @@ def check_data_matches(data: Data, meta: dict[str, Any], where: Path) -> None:
 # ---------------------------------------------------------------- stage 1
 
 
-class PathRecorder:
-    """A loop callback that saves a node every ``every`` steps (node 0, the teacher, is saved before training)."""
-
-    def __init__(self, path: DegradationPath, model: torch.nn.Module, every: int, metadata: dict[str, Any]):
-        self.path, self.model, self.every, self.metadata = path, model, every, metadata
-
-    def on_step_end(self, step: int, task) -> None:
-        if step % self.every == 0:
-            self.path.add_node(self.model, step, self.metadata)
-
-
 def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool = True) -> DegradationPath:
-    """Degradation Recording: fine-tune a copy of the teacher on samples of the frozen initial generator."""
+    """Degradation Recording: fine-tune a copy of the teacher on samples of the frozen initial generator, saving
+    nodes as ``degrade.spacing`` places them (disback.recording)."""
     out = Path(out)
     set_seed(cfg.seed + 1)
     acc = accelerator()
     teacher_file = resolve_teacher(teacher_file)
     teacher, meta = load_teacher(teacher_file)
-    generator0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False).to(acc.device)
+    teacher = teacher.to(acc.device)
+    generator0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False)
     shape, classes = tuple(meta["shape"]), meta.get("num_classes", 0)
 
     def source(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -185,14 +183,19 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
 
     config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
     path = DegradationPath.create(out, config)
+    probe = DistanceProbe(teacher, *source(cfg.degrade.batch), cfg.edm, seed=cfg.seed)
     degrading = copy.deepcopy(teacher).requires_grad_(True)  # psi starts at theta
-    path.add_node(degrading, 0, meta)
+    path.add_node(degrading, 0, meta, 0.0)
     task = ScoreFitting(degrading, source, batch=cfg.degrade.batch, lr=cfg.degrade.lr, edm=cfg.edm, accelerator=acc, stage="degrade")
-    every = cfg.degrade.steps // cfg.degrade.nodes
-    steps = every * cfg.degrade.nodes  # exactly N nodes after the teacher
-    recorder = PathRecorder(path, degrading, every, meta)
-    train_loop(task, steps, callbacks=[recorder], log=MetricsLog(out / "metrics.jsonl"), eval_every=every,
-               evaluate=lambda: {}, show_progress=show_progress)
+    deg, steps = cfg.degrade, cfg.degrade.steps
+    if deg.spacing == "distance":
+        recorder = DistanceRecorder(path, degrading, deg.nodes, steps, deg.probes, deg.candidates, meta, probe, deg.plateau)
+    else:
+        at = node_steps(deg.spacing, steps, deg.nodes)
+        recorder, steps = StepRecorder(path, degrading, at, meta, probe), at[-1]
+    train_loop(task, steps, callbacks=[recorder], log=MetricsLog(out / "metrics.jsonl"), eval_every=max(steps // 50, 1),
+               evaluate=lambda: {"distance": probe(degrading)}, show_progress=show_progress)
+    recorder.finish()
     return path
 
 
@@ -222,9 +225,12 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
     check_data_matches(data, meta, teacher_file)
     generator = generator_from_teacher(teacher, cfg.distill.sigma_g)
     fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
-    schedule = TargetSchedule(len(path), cfg.distill.switch_every)
+    d = cfg.distill
+    schedule = make_schedule(len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio, min_dwell=d.min_dwell, max_dwell=d.max_dwell)
+    classes = meta.get("num_classes", 0)
+    real = data_source(data, classes, acc.device, cfg.seed + 3) if METHODS[cfg.distill.method].gan else None
     task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, shape=data.shape,
-                        accelerator=acc, stage=stage, num_classes=meta.get("num_classes", 0))
+                        accelerator=acc, stage=stage, num_classes=classes, real=real)
     measure = metrics_for(cfg, data)
     z, labels = eval_noise(cfg, data.shape, meta.get("num_classes", 0), acc.device)
 

@@ -9,14 +9,26 @@ Distillation  one generator step plus its fake-score updates, against a target c
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
 from disback.config import DistillConfig, EDMConfig
-from disback.losses import dmd_generator_loss, dsm_loss, karras_sigma, lognormal_sigma
+from disback.gan import head_for
+from disback.losses import (
+    dmd_generator_loss,
+    dsm_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    karras_sigma,
+    lognormal_sigma,
+    sid_generator_loss,
+    vsd_generator_loss,
+)
 from disback.path import DegradationPath, TargetSchedule
 
 Source = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]  # n -> (x0, class labels or None)
@@ -60,11 +72,31 @@ class ScoreFitting:
         return {"loss": loss.item()}
 
 
-class Distillation:
-    """Score distillation with a target schedule (paper Eq. 8 for the generator, Eq. 5 for the fake score).
+@dataclass(frozen=True)
+class Method:
+    """A score-distillation method: its generator loss, whether that loss differentiates through the score
+    networks (SiD) or only through x0 (VSD, DMD), and whether it adds DMD2's GAN term."""
 
-    The fake score D_phi starts at the path's last node; the target starts at the schedule's first node and is
-    reloaded from its node file (sha256 and keys checked) every time the schedule moves.
+    loss: Callable[..., torch.Tensor]
+    through_scores: bool = False
+    gan: bool = False
+
+
+METHODS = {
+    "vsd": Method(vsd_generator_loss),
+    "dmd": Method(dmd_generator_loss),
+    "dmd2": Method(dmd_generator_loss, gan=True),  # plus two time-scales: distill.fake_updates > 1
+    "sid": Method(sid_generator_loss, through_scores=True),
+}
+
+
+class Distillation:
+    """Score distillation with a target schedule (DisBack Eq. 8 for the generator, Eq. 5 for the fake score), with the
+    generator loss of ``cfg.method``.
+
+    The fake score D_phi starts at the path's last node (the teacher for the baseline, whose path is the teacher
+    alone); the target starts at the schedule's first node and is reloaded from its node file (sha256 and keys
+    checked) every time the schedule moves. ``real`` draws data for the GAN term of dmd2.
     """
 
     def __init__(
@@ -81,16 +113,26 @@ class Distillation:
         accelerator: Accelerator,
         stage: str,
         num_classes: int = 0,
+        real: Source | None = None,
     ):
         self.stage, self.cfg, self.edm, self.shape, self.accelerator = stage, cfg, edm, tuple(shape), accelerator
-        self.num_classes = num_classes
+        self.num_classes, self.method, self.real = num_classes, METHODS[cfg.method], real
+        if self.method.gan and real is None:
+            raise ValueError(f"method '{cfg.method}' needs real data for its GAN term")
         self.path, self.schedule = path, schedule
         path.load_node(path.last, fake)
         path.load_node(schedule.current, target)
-        self.target = target.requires_grad_(False).eval().to(accelerator.device)
-        self.generator_module, self.fake_module = generator, fake
+        device = accelerator.device
+        self.target = target.requires_grad_(False).eval().to(device)
+        self.generator_module, self.fake_module = generator, fake.to(device)
+        fake_params = list(fake.parameters())
+        self.head = self.tap = None
+        if self.method.gan:
+            self.head, self.tap = head_for(fake, torch.zeros(2, *shape, device=device), 1.0,
+                                           torch.zeros(2, dtype=torch.long, device=device) if num_classes else None)
+            fake_params += list(self.head.parameters())
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator)
-        opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake)
+        opt_f = torch.optim.Adam(fake_params, lr=cfg.lr_fake)
         self.generator, self.fake, self.opt_g, self.opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
         self.switches: list[int] = []  # generator steps at which the target moved
         self.steps_done = 0
@@ -104,40 +146,73 @@ class Distillation:
         z = torch.randn(self.cfg.batch, *self.shape, device=device)
         return z, torch.randint(self.num_classes, (self.cfg.batch,), device=device) if self.num_classes else None
 
-    def fake_step(self) -> float:
-        """Fit the fake score to the generator's current samples (L_dsm on stopgrad(G(z)))."""
+    def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 + sigma n with sigma spread over the generator loss's Karras range."""
+        sigma = karras_sigma(len(x0), self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device)
+        return x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * torch.randn_like(x0), sigma
+
+    def logits(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The GAN head's logits for noised x0, from the fake score's bottleneck features."""
+        x_sigma, sigma = self.noised(x0)
+        self.fake(x_sigma, sigma, labels)
+        return self.head(self.tap.take())
+
+    def fake_step(self) -> dict[str, float]:
+        """Fit the fake score to the generator's current samples (L_dsm on stopgrad(G(z))); for dmd2 also train the
+        GAN head (and through it the fake score's encoder) to tell real data from generated samples."""
         z, labels = self.noise()
         with torch.no_grad():
             x0 = self.generator(z, labels)
         sigma = lognormal_sigma(len(x0), self.edm.p_mean, self.edm.p_std, device=x0.device)
         loss = dsm_loss(self.fake, x0, sigma, torch.randn_like(x0), self.edm.sigma_data, labels)
+        out = {"fake": loss.item()}
+        if self.head is not None:
+            real, real_labels = self.real(len(x0))
+            gan = gan_discriminator_loss(self.logits(real, real_labels), self.logits(x0, labels))
+            loss = loss + self.cfg.gan_head_weight * gan
+            out["head"] = gan.item()
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.opt_f.step()
-        return loss.item()
+        return out
 
-    def generator_step(self) -> float:
+    def generator_step(self) -> dict[str, float]:
+        """One generator update; returns its loss and the fake-target gap (the adaptive schedule's signal)."""
         z, labels = self.noise()
         x0 = self.generator(z, labels)
-        sigma = karras_sigma(len(x0), self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device)
-        x_sigma = x0.detach() + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * torch.randn_like(x0)
-        with torch.no_grad():
+        through = self.method.through_scores
+        x_sigma, sigma = self.noised(x0 if through else x0.detach())
+        self._freeze_fake(True)  # gradients reach the generator only, whatever the method
+        with torch.set_grad_enabled(through):
             d_fake = self.fake(x_sigma, sigma, labels)
             d_target = self.target(x_sigma, sigma, labels)
-        loss = dmd_generator_loss(x0, d_fake, d_target)
+        loss = self.method.loss(x0, d_fake, d_target, alpha=self.cfg.sid_alpha)
+        out = {"generator": loss.item()}
+        if self.head is not None:
+            gan = gan_generator_loss(self.logits(x0, labels))
+            loss = loss + self.cfg.gan_weight * gan
+            out["generator_gan"] = gan.item()
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.opt_g.step()
-        return loss.item()
+        self._freeze_fake(False)
+        # The gap is unweighted: EDM's weight would let the small noise levels, where both scores differ by fitting noise
+        # alone, drown the large ones, where the distributions' differences show.
+        out["gap"] = F.mse_loss(d_fake.detach(), d_target.detach()).item()
+        return out
+
+    def _freeze_fake(self, frozen: bool) -> None:
+        for module in (self.fake_module, self.head):
+            if module is not None:
+                module.requires_grad_(not frozen)
 
     def train_step(self) -> dict[str, float]:
-        fake_losses = [self.fake_step() for _ in range(self.cfg.fake_updates)]
-        loss_g = self.generator_step()
+        fake = [self.fake_step() for _ in range(self.cfg.fake_updates)]
+        out = self.generator_step()
         self.steps_done += 1
-        if self.schedule.step():
+        if self.schedule.step(out["gap"]):
             self.path.load_node(self.schedule.current, self.target)
             self.switches.append(self.steps_done)
-        out = {"generator": loss_g}
-        if fake_losses:
-            out["fake"] = sum(fake_losses) / len(fake_losses)
+        for key in fake[0] if fake else ():
+            out[key] = sum(f[key] for f in fake) / len(fake)
         return out

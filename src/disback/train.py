@@ -27,7 +27,7 @@ class Task(Protocol):
 
 
 class Callback(Protocol):
-    def on_step_end(self, step: int, task: Task) -> None: ...
+    def on_step_end(self, step: int, task: Task) -> bool | None: ...  # True ends the loop after this step
 
 
 class MetricsLog:
@@ -59,7 +59,8 @@ def train_loop(
     callbacks: Iterable[Callback] = (),
     show_progress: bool = True,
 ) -> list[dict]:
-    """Run ``steps`` iterations of ``task``. ``wall_s`` counts training (and callbacks), not evaluation."""
+    """Run ``steps`` iterations of ``task`` (fewer if a callback ends it). ``wall_s`` counts training (and callbacks),
+    not evaluation."""
     callbacks = list(callbacks)
     records: list[dict] = []
     wall = 0.0
@@ -80,8 +81,7 @@ def train_loop(
     for step in bar:
         start = time.perf_counter()
         losses = task.train_step()
-        for callback in callbacks:
-            callback.on_step_end(step, task)
+        stop = [callback.on_step_end(step, task) for callback in callbacks]
         wall += time.perf_counter() - start
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if bad:
@@ -89,6 +89,8 @@ def train_loop(
         if eval_every and (step % eval_every == 0 or step == steps):
             record(step)
             bar.set_postfix({k: f"{v:.4g}" for k, v in records[-1].items() if k in ("swd", "loss_loss", "loss_fake")})
-    if not records or records[-1]["iteration"] != steps:
-        record(steps)
+        if any(stop):
+            break
+    if not records or records[-1]["iteration"] != step:
+        record(step)
     return records
