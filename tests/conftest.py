@@ -20,8 +20,10 @@ TINY = {
     "data": {"n_train": 4000, "n_eval": 300},
     "network": {"hidden": 32, "depth": 2, "emb_dim": 16},
     "teacher": {"steps": 300, "batch": 128, "heun_steps": 10},
-    "degrade": {"steps": 40, "nodes": 4, "batch": 64},
-    "distill": {"steps": 30, "batch": 64, "switch_every": 5},
+    # The paper's placement and schedule, whose node steps and switches are known in advance; the distance spacing
+    # and the adaptive schedule (the presets' defaults) have tests of their own.
+    "degrade": {"steps": 40, "nodes": 4, "batch": 64, "spacing": "steps", "plateau": 0.0},
+    "distill": {"steps": 30, "batch": 64, "switch_every": 5, "schedule": "fixed"},
     "eval": {"every": 10, "projections": 32},
 }
 
@@ -30,7 +32,9 @@ TINY_ARGS = [
     "--set", "network.hidden=32", "--set", "network.depth=2", "--set", "network.emb_dim=16",
     "--set", "teacher.steps=300", "--set", "teacher.batch=128", "--set", "teacher.heun_steps=10",
     "--set", "degrade.steps=40", "--set", "degrade.nodes=4", "--set", "degrade.batch=64",
+    "--set", "degrade.spacing=steps", "--set", "degrade.plateau=0",
     "--set", "distill.steps=30", "--set", "distill.batch=64", "--set", "distill.switch_every=5",
+    "--set", "distill.schedule=fixed",
     "--set", "eval.every=10", "--set", "eval.projections=32", "--quiet",
 ]
 

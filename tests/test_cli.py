@@ -52,12 +52,22 @@ def test_demo_writes_report_plots_and_summary(tmp_path, capsys):
     assert s["speedup"]["threshold_swd"] == pytest.approx(s["speedup"]["threshold_factor"] * s["teacher"]["swd"])
     assert set(s["speedup_by_factor"]) == {"4", "3", "2", "1.5"}
     assert "| DisBack |" in capsys.readouterr().out
-    # A demo folder can be run again; a folder that holds something else is refused.
-    assert main(["demo", "--out", str(out), *TINY_ARGS]) == 0
+    # A finished demo is read back with --resume, refused without it, started again with --overwrite; a folder
+    # that holds something else is refused whatever the flags.
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--data", "moons", *TINY_ARGS]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--data", "moons", "--resume", *TINY_ARGS]) == 0
+    assert json.loads((out / "summary.json").read_text())["runs"] == s["runs"]
+    assert main(["demo", "--out", str(out), "--resume", *TINY_ARGS]) == 2  # ring8 now: another config
+    assert "data.name: 'moons' -> 'ring8'" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--overwrite", *TINY_ARGS]) == 0
+    assert json.loads((out / "summary.json").read_text())["data"] == "ring8"
     other = tmp_path / "other"
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
-    assert main(["demo", "--out", str(other), *TINY_ARGS]) == 2
+    for flag in ([], ["--resume"], ["--overwrite"]):
+        assert main(["demo", "--out", str(other), *flag, *TINY_ARGS]) == 2
     assert (other / "thesis.tex").read_text() == "precious"
 
 

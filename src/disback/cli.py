@@ -23,6 +23,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["vsd", "dmd", "dmd2", "sid"],
                    help="generator loss (distill.method): Diff-Instruct/VSD, DMD, DMD2 (DMD + GAN term), SiD")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                   "(finished stages are kept; the settings must be the same)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out (written by disback) and start again")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,30 +94,36 @@ def _config(args: argparse.Namespace, data_default: str | None = None):
 def _run(args: argparse.Namespace) -> int:
     from disback import stages
     from disback.data import load_data
+    from disback.runfolder import clear_out
 
     show = not args.quiet if hasattr(args, "quiet") else True
+    resume = getattr(args, "resume", False)
+    if getattr(args, "overwrite", False):
+        if resume:
+            raise DisbackError("--resume continues a run and --overwrite deletes it: give one of them")
+        clear_out(Path(args.out))
     if args.command == "demo":
         from disback.demo import run_demo
         from disback.report import write_report
 
         cfg = _config(args)
-        run_demo(cfg, Path(args.out), show)
+        run_demo(cfg, Path(args.out), show, resume)
         print(write_report(Path(args.out)))
         print(f"\nreport: {Path(args.out) / 'report.md'}")
     elif args.command == "teacher":
         cfg = _config(args)
-        path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show)
+        path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show, resume)
         print(f"teacher: {path}")
     elif args.command == "degrade":
         cfg = _config(args)
-        path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show)
+        path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume)
         print(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
     elif args.command in ("backtrack", "distill"):
         _, meta = stages.load_teacher(Path(args.teacher))
         cfg = _config(args, data_default=meta["data"])
         teacher_file = stages.resolve_teacher(Path(args.teacher))
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
-        result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show)
+        result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show, resume)
         final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
         print(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
     elif args.command == "sample":

@@ -88,7 +88,8 @@ class DistillConfig:
     schedule: str = "adaptive"  # how the target walks back: "fixed" (every switch_every steps, the paper),
     #                             "adaptive" (when the generator has caught up), "warm_start" (teacher at once)
     switch_ratio: float = 0.5  # adaptive: advance when the fake-target gap falls to this fraction of its start
-    min_dwell: int = 20  # adaptive: generator steps on a node before it may advance
+    min_dwell: int = 20  # adaptive: generator steps on a node before it may advance (both bounds shrink so that
+    #                      the walk reaches the teacher by half of distill.steps)
     max_dwell: int = 200  # adaptive: generator steps after which it advances regardless
 
 
@@ -102,6 +103,14 @@ class EvalConfig:
 
 
 @dataclass
+class RunConfig:
+    checkpoint_every: int = 500  # steps between checkpoints of every stage (and one at its end); resume with --resume
+    keep: int = 2  # checkpoints kept per stage; older ones are deleted only once a newer one is complete
+    on_nonfinite: str = "stop"  # a non-finite loss: "stop" (clear error, last good checkpoint kept) or "skip" the update
+    max_skipped: int = 20  # "skip": stop after this many consecutive skipped steps
+
+
+@dataclass
 class Config:
     seed: int
     data: DataConfig
@@ -111,6 +120,7 @@ class Config:
     degrade: DegradeConfig
     distill: DistillConfig
     eval: EvalConfig
+    run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,6 +285,9 @@ def _check(cfg: Config) -> None:
     _check_choice("degrade.spacing", cfg.degrade.spacing, SPACINGS)
     _check_choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
     _check_choice("distill.method", cfg.distill.method, METHODS)
+    _check_choice("run.on_nonfinite", cfg.run.on_nonfinite, ("stop", "skip"))
+    if cfg.run.checkpoint_every < 1 or cfg.run.keep < 1 or cfg.run.max_skipped < 1:
+        raise DisbackError("'run.checkpoint_every', 'run.keep' and 'run.max_skipped' must be positive")
     if cfg.distill.method == "dmd2" and cfg.distill.fake_updates < 2:
         raise DisbackError(f"method dmd2 updates the fake score on a faster time-scale: set distill.fake_updates to 2 or more (DMD2 uses 5), got {cfg.distill.fake_updates}")
     if cfg.distill.gan_weight < 0 or cfg.distill.gan_head_weight < 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,21 +13,21 @@ from disback import stages
 from disback.config import Config
 from disback.data import load_data
 from disback.errors import DisbackError
-from disback.weights import write_json
+from disback.runfolder import begin_stage
+from disback.train import read_metrics
+from disback.weights import save_array, write_json
 
 MARKER = "run.json"
-OUTPUTS = ("teacher", "path", "disback", "baseline")
 
 
-def prepare_out(out: Path) -> None:
-    """A demo folder may be rerun; a folder that holds anything else is refused rather than overwritten."""
+def prepare_out(cfg: Config, out: Path, resume: bool) -> None:
+    """A folder that holds anything but a demo is refused; a demo folder is continued with --resume (same config)
+    and refused otherwise (--overwrite clears it first, in the CLI)."""
     if out.exists() and any(out.iterdir()):
         marker = out / MARKER
         if not marker.is_file() or json.loads(marker.read_text()).get("kind") != "demo":
             raise DisbackError(f"{out} is not empty and was not made by `disback demo`; choose another --out")
-        for name in OUTPUTS:
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    begin_stage(cfg, out, resume)
     write_json(out / MARKER, {"kind": "demo"})
 
 
@@ -73,26 +72,26 @@ def speedups(summary: dict[str, Any], factor: float) -> tuple[dict[str, Any], di
     return speedup(factor, *args), {f"{f:g}": speedup(f, *args) for f in FACTORS}
 
 
-def run_demo(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, Any]:
+def run_demo(cfg: Config, out: Path, show_progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """The main job. With ``resume``, finished stages are read back and an interrupted one continues from its
+    latest checkpoint, so a killed demo rerun with --resume ends as an uninterrupted one would have."""
     begun = time.perf_counter()
     out = Path(out)
-    prepare_out(out)
-    stages.write_config(cfg, out)
+    prepare_out(cfg, out, resume)
     data = load_data(cfg.data, cfg.seed)
-    np.save(out / "reference.npy", data.reference[: cfg.data.n_eval])  # the report's "data" panel
+    save_array(out / "reference.npy", data.reference[: cfg.data.n_eval])  # the report's "data" panel
     measure = stages.metrics_for(cfg, data)
 
-    teacher_file = stages.train_teacher(cfg, data, out / "teacher", show_progress)
+    teacher_file = stages.train_teacher(cfg, data, out / "teacher", show_progress, resume)
     teacher = measure(np.load(out / "teacher" / "samples.npy"))
 
-    started = time.perf_counter()
-    path = stages.record_path(cfg, teacher_file, out / "path", show_progress)
-    stage1_wall = time.perf_counter() - started
+    path = stages.record_path(cfg, teacher_file, out / "path", show_progress, resume)
+    stage1_wall = read_metrics(out / "path" / "metrics.jsonl")[-1]["wall_s"]  # training and probes, not evaluation
     stage1_steps = path.nodes[-1].step
 
     runs: dict[str, dict[str, Any]] = {}
     for name, run_path in (("disback", path), ("baseline", None)):
-        result = stages.distill(cfg, data, teacher_file, run_path, out / name, show_progress)
+        result = stages.distill(cfg, data, teacher_file, run_path, out / name, show_progress, resume)
         runs[name] = {"curve": curve_of(result["records"]), "switches": result["switches"], "nodes": result["nodes"]}
         runs[name]["final"] = {k: v for k, v in runs[name]["curve"][-1].items() if k not in ("iteration", "wall_s", "target_node")}
     runs["disback"].update(stage1_steps=stage1_steps, stage1_wall_s=round(stage1_wall, 3))

@@ -32,10 +32,11 @@ class Node:
 class DegradationPath:
     """Nodes psi_0 = teacher, psi_1, ..., psi_N, with the config that made them."""
 
-    def __init__(self, root: Path, nodes: list[Node], config: dict[str, Any]):
+    def __init__(self, root: Path, nodes: list[Node], config: dict[str, Any], complete: bool = True):
         self.root = Path(root)
         self.nodes = nodes
         self.config = config
+        self.complete = complete  # False while stage 1 is still recording it
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -47,11 +48,25 @@ class DegradationPath:
     # -------------------------------------------------------------- writing
 
     @classmethod
-    def create(cls, root: Path, config: dict[str, Any]) -> "DegradationPath":
+    def create(cls, root: Path, config: dict[str, Any], replace: bool = False) -> "DegradationPath":
+        """An empty path; ``replace`` starts an interrupted one again (a resumed recording restores its nodes)."""
         root = Path(root)
-        if (root / MANIFEST).exists():
+        if (root / MANIFEST).exists() and not replace:
             raise DisbackError(f"{root} already holds a degradation path; choose another --out or delete it")
-        return cls(root, [], config)
+        return cls(root, [], config, complete=False)
+
+    def mark_complete(self) -> None:
+        self.complete = True
+        self._write_manifest()
+
+    def node_states(self) -> list[dict[str, Any]]:
+        """The nodes written so far, for a checkpoint of the recording."""
+        return [asdict(n) for n in self.nodes]
+
+    def restore_nodes(self, nodes: list[dict[str, Any]]) -> None:
+        """Back to the nodes a checkpoint had: later ones are forgotten (their files are rewritten when re-recorded)."""
+        self.nodes = [Node(**n) for n in nodes]
+        self._write_manifest()
 
     def add_node(self, model: nn.Module, step: int, metadata: dict[str, Any], distance: float | None = None) -> Node:
         """Write the model's weights as the next node, then rewrite the manifest (both atomically)."""
@@ -64,7 +79,8 @@ class DegradationPath:
         return node
 
     def _write_manifest(self) -> None:
-        write_json(self.root / MANIFEST, {"format_version": FORMAT_VERSION, "nodes": [asdict(n) for n in self.nodes], "config": self.config})
+        write_json(self.root / MANIFEST, {"format_version": FORMAT_VERSION, "complete": self.complete,
+                                          "nodes": [asdict(n) for n in self.nodes], "config": self.config})
 
     # -------------------------------------------------------------- reading
 
@@ -87,7 +103,7 @@ class DegradationPath:
         missing = [n.file for n in nodes if not (root / n.file).is_file()]
         if missing:
             raise DisbackError(f"{manifest} names node files that are missing: {missing}")
-        return cls(root, nodes, data.get("config", {}))
+        return cls(root, nodes, data.get("config", {}), complete=data.get("complete", True))
 
     @classmethod
     def teacher_only(cls, teacher_file: Path, sha256: str) -> "DegradationPath":
@@ -99,6 +115,12 @@ class DegradationPath:
         """Load node ``index`` into ``model``: sha256 checked against the manifest, keys and shapes exact."""
         node = self.nodes[index]
         load_weights(model, self.root / node.file, sha256=node.sha256)
+
+    def verify(self, model: nn.Module) -> None:
+        """Load every node into ``model`` (a scratch copy): a damaged or mismatched node fails before training starts,
+        not when the schedule reaches it."""
+        for node in self.nodes:
+            self.load_node(node.index, model)
 
 
 class TargetSchedule:

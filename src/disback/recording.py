@@ -84,6 +84,12 @@ class StepRecorder:
     def finish(self) -> None:
         pass
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"nodes": self.path.node_states()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.path.restore_nodes(state["nodes"])
+
 
 class DistanceRecorder:
     """A loop callback that places nodes evenly in distance from the teacher (see the module's docstring)."""
@@ -114,6 +120,15 @@ class DistanceRecorder:
             return False
         half = next((d for s, d in reversed(self.probed) if s <= step // 2), 0.0)  # the distance at about step/2
         return distance - half < self.plateau * distance
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nodes": self.path.node_states(), "probed": [list(p) for p in self.probed],
+                "candidates": [{"step": s, "distance": d, "weights": w} for s, d, w in self.candidates]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.path.restore_nodes(state["nodes"])
+        self.probed = [tuple(p) for p in state["probed"]]
+        self.candidates = [(c["step"], c["distance"], c["weights"]) for c in state["candidates"]]
 
     def _thin(self) -> None:
         """Drop the candidate whose removal leaves the smallest gap in distance (never the newest): the survivors stay

@@ -9,29 +9,32 @@ distill         teacher + path -> generator.safetensors (stage 2, Distribution B
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from disback.checkpoint import Checkpoints
 from disback.config import Config
 from disback.data import Data, to_units
 from disback.errors import DisbackError
 from disback.metrics import build_metrics
 from disback.models import build_denoiser, denoiser_metadata, generator_from_teacher, import_pretrained, load_model
-from disback.path import DegradationPath, make_schedule
+from disback.path import MANIFEST, DegradationPath, make_schedule
+from disback.runfolder import begin_stage, write_config
 from disback.recording import DistanceProbe, DistanceRecorder, StepRecorder, node_steps
 from disback.sampling import heun_sample, karras_schedule
-from disback.tasks import METHODS, Distillation, ScoreFitting, Source
-from disback.train import MetricsLog, train_loop
-from disback.weights import save_weights, sha256_file, write_text
+from disback.tasks import METHODS, Distillation, ScoreFitting
+from disback.train import Guard, MetricsLog, read_metrics, train_loop
+from disback.weights import save_array, save_weights, sha256_file, write_json, write_text
 
 _ACCELERATOR: Accelerator | None = None
+RESULT = "result.json"  # written last by a distillation run: the run is finished
 
 
 def accelerator() -> Accelerator:
@@ -40,10 +43,6 @@ def accelerator() -> Accelerator:
     if _ACCELERATOR is None:
         _ACCELERATOR = Accelerator()
     return _ACCELERATOR
-
-
-def write_config(cfg: Config, out: Path) -> None:
-    write_text(Path(out) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def eval_noise(cfg: Config, shape: tuple[int, ...], num_classes: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,18 +77,31 @@ def class_labels(data: Data, num_classes: int) -> torch.Tensor | None:
     return torch.as_tensor(data.labels, dtype=torch.long)
 
 
-def data_source(data: Data, num_classes: int, device, seed: int) -> Source:
-    """Minibatches of the training data (and their labels when the networks are class-conditional)."""
-    points = data.to_model(data.train).to(device)
-    labels = class_labels(data, num_classes)
-    labels = None if labels is None else labels.to(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+class DataSource:
+    """Minibatches of the training data (and their labels when the networks are class-conditional), drawn with a
+    generator of its own whose state is checkpointed, so that a resumed run sees the same data in the same order."""
 
-    def source(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = torch.randint(len(points), (n,), generator=gen)
-        return points[idx], None if labels is None else labels[idx]
+    def __init__(self, data: Data, num_classes: int, device, seed: int):
+        self.points = data.to_model(data.train).to(device)
+        labels = class_labels(data, num_classes)
+        self.labels = None if labels is None else labels.to(device)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
-    return source
+    def __call__(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.randint(len(self.points), (n,), generator=self.generator)
+        return self.points[idx], None if self.labels is None else self.labels[idx]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def loop_options(cfg: Config, out: Path, resume: bool) -> dict[str, Any]:
+    """Checkpointing and the non-finite guard, as train_loop takes them."""
+    return {"checkpoints": Checkpoints(Path(out) / "checkpoints", cfg.run.keep), "checkpoint_every": cfg.run.checkpoint_every,
+            "resume": resume, "guard": Guard(cfg.run.on_nonfinite, cfg.run.max_skipped)}
 
 
 def metrics_for(cfg: Config, data: Data):
@@ -99,28 +111,30 @@ def metrics_for(cfg: Config, data: Data):
 # ---------------------------------------------------------------- teacher
 
 
-def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True) -> Path:
+def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True, resume: bool = False) -> Path:
     """Fit a teacher D_theta to the data with L_dsm and an EMA (or import ``teacher.pretrained``); write
-    teacher.safetensors and its samples."""
+    teacher.safetensors and its samples. With ``resume``, continue from the folder's latest checkpoint (a finished
+    teacher is returned as it is)."""
     out = Path(out)
+    begin_stage(cfg, out, resume)
+    done = out / "teacher.safetensors"
+    if resume and done.is_file():
+        return done
     if cfg.teacher.pretrained:
         return import_teacher(cfg, data, cfg.teacher.pretrained, out)
     set_seed(cfg.seed)
     acc = accelerator()
-    write_config(cfg, out)
-    source = data_source(data, cfg.network.num_classes, acc.device, cfg.seed)
+    source = DataSource(data, cfg.network.num_classes, acc.device, cfg.seed)
     denoiser = build_denoiser(cfg.network, data.shape, cfg.edm.sigma_data)
     task = ScoreFitting(denoiser, source, batch=cfg.teacher.batch, lr=cfg.teacher.lr, edm=cfg.edm, accelerator=acc,
                         stage="teacher", ema_decay=cfg.teacher.ema_decay)
     train_loop(task, cfg.teacher.steps, log=MetricsLog(out / "metrics.jsonl"), eval_every=max(cfg.teacher.steps // 20, 1),
-               evaluate=lambda: {}, show_progress=show_progress)
+               evaluate=lambda: {}, show_progress=show_progress, **loop_options(cfg, out, resume))
     teacher = task.ema
-    samples = teacher_samples(teacher, cfg, data, cfg.network.num_classes)
-    np.save(out / "samples.npy", samples)
+    save_array(out / "samples.npy", teacher_samples(teacher, cfg, data, cfg.network.num_classes))
     meta = denoiser_metadata(cfg.network, data.shape, cfg.edm, data.normaliser(), data.name)
-    path = out / "teacher.safetensors"
-    save_weights(teacher, path, meta)
-    return path
+    save_weights(teacher, done, meta)  # last: its presence marks the stage as finished
+    return done
 
 
 def resolve_teacher(path: Path) -> Path:
@@ -136,8 +150,7 @@ def import_teacher(cfg: Config, data: Data, source: str, out: Path) -> Path:
     meta.update(edm=asdict(cfg.edm), normaliser={"mean": 0.5, "scale": 0.5}, data=data.name)  # diffusers images live in [-1, 1]
     check_data_matches(data, meta, Path(source))
     class_labels(data, meta["num_classes"])
-    write_config(cfg, out)
-    np.save(out / "samples.npy", teacher_samples(teacher, cfg, data, meta["num_classes"]))
+    save_array(out / "samples.npy", teacher_samples(teacher, cfg, data, meta["num_classes"]))
     path = out / "teacher.safetensors"
     save_weights(teacher, path, meta)
     return path
@@ -164,10 +177,16 @@ def check_data_matches(data: Data, meta: dict[str, Any], where: Path) -> None:
 # ---------------------------------------------------------------- stage 1
 
 
-def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool = True) -> DegradationPath:
+def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool = True, resume: bool = False) -> DegradationPath:
     """Degradation Recording: fine-tune a copy of the teacher on samples of the frozen initial generator, saving
-    nodes as ``degrade.spacing`` places them (disback.recording)."""
+    nodes as ``degrade.spacing`` places them (disback.recording). With ``resume``, continue an interrupted recording
+    from its latest checkpoint (a complete path is returned as it is)."""
     out = Path(out)
+    begin_stage(cfg, out, resume)
+    if resume and (out / MANIFEST).is_file():
+        existing = DegradationPath.load(out)
+        if existing.complete:
+            return existing
     set_seed(cfg.seed + 1)
     acc = accelerator()
     teacher_file = resolve_teacher(teacher_file)
@@ -182,7 +201,7 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
             return generator0(torch.randn(n, *shape, device=acc.device), labels), labels
 
     config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
-    path = DegradationPath.create(out, config)
+    path = DegradationPath.create(out, config, replace=resume)
     probe = DistanceProbe(teacher, *source(cfg.degrade.batch), cfg.edm, seed=cfg.seed)
     degrading = copy.deepcopy(teacher).requires_grad_(True)  # psi starts at theta
     path.add_node(degrading, 0, meta, 0.0)
@@ -194,13 +213,17 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
         at = node_steps(deg.spacing, steps, deg.nodes)
         recorder, steps = StepRecorder(path, degrading, at, meta, probe), at[-1]
     train_loop(task, steps, callbacks=[recorder], log=MetricsLog(out / "metrics.jsonl"), eval_every=max(steps // 50, 1),
-               evaluate=lambda: {"distance": probe(degrading)}, show_progress=show_progress)
+               evaluate=lambda: {"distance": probe(degrading)}, show_progress=show_progress, **loop_options(cfg, out, resume))
     recorder.finish()
+    path.mark_complete()
     return path
 
 
 def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
     path = DegradationPath.load(path_dir)
+    if not path.complete:
+        raise DisbackError(f"the path {path_dir} is incomplete (stage 1 was interrupted); finish it with "
+                           f"`disback degrade --resume --out {path_dir} ...` (the same settings)")
     recorded = path.config.get("teacher_sha256")
     if recorded is not None and recorded != sha256_file(teacher_file):
         raise DisbackError(f"the path {path_dir} was recorded from another teacher than {teacher_file}; record it again")
@@ -211,24 +234,31 @@ def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
 
 
 def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath | None, out: Path,
-            show_progress: bool = True) -> dict[str, Any]:
-    """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node)."""
+            show_progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node).
+    With ``resume``, continue from the folder's latest checkpoint (a finished run is read back as it is)."""
     out = Path(out)
+    begin_stage(cfg, out, resume)
+    if resume and (out / RESULT).is_file():
+        return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
     teacher_file = resolve_teacher(teacher_file)
     stage = "distill" if path is None else "backtrack"
     if path is None:
         path = DegradationPath.teacher_only(teacher_file, sha256_file(teacher_file))
     set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
     acc = accelerator()
-    write_config(cfg, out)
     teacher, meta = load_teacher(teacher_file)
     check_data_matches(data, meta, teacher_file)
+    path.verify(copy.deepcopy(teacher))  # every node's sha256, keys and shapes, before any training
     generator = generator_from_teacher(teacher, cfg.distill.sigma_g)
     fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
     d = cfg.distill
-    schedule = make_schedule(len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio, min_dwell=d.min_dwell, max_dwell=d.max_dwell)
+    # The adaptive walk ends by half the budget at the latest, so that the generator always trains against the teacher.
+    max_dwell = max(min(d.max_dwell, d.steps // (2 * max(len(path) - 1, 1))), 1)
+    schedule = make_schedule(len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio,
+                             min_dwell=min(d.min_dwell, max_dwell), max_dwell=max_dwell)
     classes = meta.get("num_classes", 0)
-    real = data_source(data, classes, acc.device, cfg.seed + 3) if METHODS[cfg.distill.method].gan else None
+    real = DataSource(data, classes, acc.device, cfg.seed + 3) if METHODS[cfg.distill.method].gan else None
     task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, shape=data.shape,
                         accelerator=acc, stage=stage, num_classes=classes, real=real)
     measure = metrics_for(cfg, data)
@@ -238,11 +268,13 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
         return measure(data.from_model(in_batches(generator, z, labels)))
 
     records = train_loop(task, cfg.distill.steps, evaluate=evaluate, eval_every=cfg.eval.every,
-                         log=MetricsLog(out / "metrics.jsonl"), show_progress=show_progress)
-    np.save(out / "samples.npy", data.from_model(in_batches(generator, z, labels)))
+                         log=MetricsLog(out / "metrics.jsonl"), show_progress=show_progress, **loop_options(cfg, out, resume))
+    save_array(out / "samples.npy", data.from_model(in_batches(generator, z, labels)))
     save_weights(generator, out / "generator.safetensors", {**meta, "kind": "generator", "sigma_g": cfg.distill.sigma_g})
     save_weights(fake, out / "fake.safetensors", meta)
-    return {"records": records, "switches": task.switches, "nodes": len(path)}
+    result = {"switches": task.switches, "nodes": len(path)}
+    write_json(out / RESULT, result)  # last: its presence marks the run as finished
+    return {**result, "records": records}
 
 
 # ---------------------------------------------------------------- sampling a saved model
@@ -262,9 +294,7 @@ def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, p
         sigmas = karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])
         x = in_batches(lambda zz, yy: heun_sample(model.eval(), zz, sigmas, yy), z, labels)
     samples = to_units(x, meta["normaliser"], images=len(meta["shape"]) == 3)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, samples)
+    save_array(Path(out), samples)
     if plot:
         from disback.report import picture
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,17 +59,50 @@ class ScoreFitting:
     def target_node(self) -> int | None:
         return None
 
+    def modules(self) -> list[nn.Module]:
+        return [self.denoiser]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.denoiser.state_dict(), "optimiser": self.optimiser.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(), "source": _state_of(self.source)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.denoiser.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        _load_state_of(self.source, state["source"])
+
     def train_step(self) -> dict[str, float]:
         x0, labels = self.source(self.batch)
         sigma = lognormal_sigma(len(x0), self.edm.p_mean, self.edm.p_std, device=x0.device)
         loss = dsm_loss(self.model, x0, sigma, torch.randn_like(x0), self.edm.sigma_data, labels)
-        self.optimiser.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        self.optimiser.step()
+        if not update(self.accelerator, self.optimiser, loss):
+            return {"loss": loss.item()}
         if self.ema is not None:
             with torch.no_grad():  # one fused update for all tensors: many small kernels dominate on a GPU
                 torch._foreach_lerp_(list(self.ema.parameters()), list(self.denoiser.parameters()), 1.0 - self.ema_decay)
         return {"loss": loss.item()}
+
+
+def update(accelerator: Accelerator, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+    """Backward and step, unless the loss is not finite: then nothing changes (the loop decides to stop or go on)."""
+    optimiser.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    accelerator.backward(loss)
+    optimiser.step()
+    return True
+
+
+def _state_of(source: Any) -> Any:
+    """A data source's random state (the order of the data), if it has one."""
+    return source.state_dict() if hasattr(source, "state_dict") else None
+
+
+def _load_state_of(source: Any, state: Any) -> None:
+    if state is not None:
+        source.load_state_dict(state)
 
 
 @dataclass(frozen=True)
@@ -140,6 +173,27 @@ class Distillation:
     def target_node(self) -> int:
         return self.schedule.current
 
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.generator_module, self.fake_module, self.head) if m is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator_module.state_dict(), "fake": self.fake_module.state_dict(),
+                "head": None if self.head is None else self.head.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_f": self.opt_f.state_dict(), "schedule": self.schedule.state_dict(),
+                "switches": list(self.switches), "steps_done": self.steps_done, "real": _state_of(self.real)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator_module.load_state_dict(state["generator"])
+        self.fake_module.load_state_dict(state["fake"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_f.load_state_dict(state["opt_f"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.switches, self.steps_done = list(state["switches"]), state["steps_done"]
+        _load_state_of(self.real, state["real"])
+        self.path.load_node(self.schedule.current, self.target)  # the target the schedule had reached
+
     def noise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latent noise, and uniformly drawn class labels when the networks are class-conditional."""
         device = self.accelerator.device
@@ -171,9 +225,7 @@ class Distillation:
             gan = gan_discriminator_loss(self.logits(real, real_labels), self.logits(x0, labels))
             loss = loss + self.cfg.gan_head_weight * gan
             out["head"] = gan.item()
-        self.opt_f.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        self.opt_f.step()
+        update(self.accelerator, self.opt_f, loss)
         return out
 
     def generator_step(self) -> dict[str, float]:
@@ -192,9 +244,7 @@ class Distillation:
             gan = gan_generator_loss(self.logits(x0, labels))
             loss = loss + self.cfg.gan_weight * gan
             out["generator_gan"] = gan.item()
-        self.opt_g.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        self.opt_g.step()
+        update(self.accelerator, self.opt_g, loss)
         self._freeze_fake(False)
         # The gap is unweighted: EDM's weight would let the small noise levels, where both scores differ by fitting noise
         # alone, drown the large ones, where the distributions' differences show.

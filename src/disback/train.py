@@ -2,20 +2,27 @@
 
 A task owns its networks and optimisers and does one iteration in ``train_step`` (for distillation: one generator
 step with its fake-score updates). The loop owns what is common: the step count, timing, evaluation, the metrics
-log, callbacks (such as the degradation-path recorder) and the progress bar.
+log, callbacks (such as the degradation-path recorder), the progress bar, checkpoints and resuming from them, and
+the guard against non-finite losses.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
+import torch
 from tqdm.auto import tqdm
 
+from disback.checkpoint import Checkpoints, rng_state, set_rng_state
 from disback.errors import DisbackError
+from disback.weights import write_text
 
 
 class Task(Protocol):
@@ -24,6 +31,12 @@ class Task(Protocol):
     def train_step(self) -> dict[str, float]: ...
 
     def target_node(self) -> int | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...  # everything that determines the task's future
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def modules(self) -> list[torch.nn.Module]: ...  # the trained networks, checked for non-finite weights
 
 
 class Callback(Protocol):
@@ -36,8 +49,12 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-        self.records: list[dict] = []
+        self.rewrite([])
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Start the file again with ``records`` (a resumed run drops what came after its checkpoint)."""
+        self.records = list(records)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -49,6 +66,15 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+@dataclass
+class Guard:
+    """What a non-finite loss does: "stop" the run (the task has not applied that update, and nothing is saved after
+    it), or "skip" the update and go on, stopping after ``max_skipped`` in a row."""
+
+    on_nonfinite: str = "stop"
+    max_skipped: int = 20
+
+
 def train_loop(
     task: Task,
     steps: int,
@@ -58,39 +84,107 @@ def train_loop(
     log: MetricsLog | None = None,
     callbacks: Iterable[Callback] = (),
     show_progress: bool = True,
+    checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    guard: Guard = Guard(),
 ) -> list[dict]:
     """Run ``steps`` iterations of ``task`` (fewer if a callback ends it). ``wall_s`` counts training (and callbacks),
-    not evaluation."""
+    not evaluation. With ``checkpoints``, the whole state is saved every ``checkpoint_every`` steps and at the end
+    (or on SIGTERM); ``resume`` continues from the latest one, exactly where it was."""
     callbacks = list(callbacks)
-    records: list[dict] = []
-    wall = 0.0
+    state = {"step": 0, "wall": 0.0, "records": [], "skipped": 0, "in_a_row": 0}
     losses: dict[str, float] = {}
 
     def record(step: int) -> None:
-        rec = {"iteration": step, "wall_s": round(wall, 4), "stage": task.stage, "target_node": task.target_node()}
+        rec = {"iteration": step, "wall_s": round(state["wall"], 4), "stage": task.stage, "target_node": task.target_node()}
         rec.update({f"loss_{k}": v for k, v in losses.items()})
+        if state["skipped"]:
+            rec["skipped_steps"] = state["skipped"]
         if evaluate is not None:
             rec.update(evaluate())
-        records.append(rec)
+        state["records"].append(rec)
         if log is not None:
             log.write(rec)
 
-    if evaluate is not None:
-        record(0)
-    bar = tqdm(range(1, steps + 1), desc=task.stage, disable=not show_progress, leave=False, dynamic_ncols=True)
-    for step in bar:
-        start = time.perf_counter()
-        losses = task.train_step()
-        stop = [callback.on_step_end(step, task) for callback in callbacks]
-        wall += time.perf_counter() - start
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    def save(step: int) -> None:
+        if checkpoints is None:
+            return
+        bad = [i for i, m in enumerate(task.modules()) for p in m.parameters() if not torch.isfinite(p).all()]
         if bad:
-            raise DisbackError(f"{task.stage}: loss {bad[0]} became non-finite at step {step}; lower the learning rate")
-        if eval_every and (step % eval_every == 0 or step == steps):
-            record(step)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in records[-1].items() if k in ("swd", "loss_loss", "loss_fake")})
-        if any(stop):
-            break
-    if not records or records[-1]["iteration"] != step:
+            raise DisbackError(f"{task.stage}: the weights became non-finite by step {step}; {_last_good(checkpoints)}")
+        checkpoints.save(step, {"task": task.state_dict(), "loop": dict(state, step=step), "rng": rng_state(),
+                                "callbacks": [getattr(cb, "state_dict", lambda: None)() for cb in callbacks]})
+
+    start = 1
+    latest = checkpoints.latest() if (checkpoints is not None and resume) else None
+    if latest is not None:
+        saved_step, saved = latest
+        task.load_state_dict(saved["task"])
+        for callback, cb_state in zip(callbacks, saved["callbacks"]):
+            if cb_state is not None:
+                callback.load_state_dict(cb_state)
+        state.update(saved["loop"])
+        set_rng_state(saved["rng"])
+        if log is not None:
+            log.rewrite(state["records"])
+        start = saved_step + 1
+    elif evaluate is not None:
+        record(0)
+
+    step = start - 1
+    # SIGTERM (preemption) is noted and acted on between steps, so that the checkpoint never holds half a step.
+    term: list[int] = []
+    catch = checkpoints is not None and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: term.append(signum)) if catch else None
+    try:
+        bar = tqdm(range(start, steps + 1), desc=task.stage, disable=not show_progress, leave=False, dynamic_ncols=True)
+        for step in bar:
+            started = time.perf_counter()
+            losses = task.train_step()
+            stop = [callback.on_step_end(step, task) for callback in callbacks]
+            state["wall"] += time.perf_counter() - started
+            _check_losses(task, losses, step, state, guard, checkpoints)
+            if eval_every and (step % eval_every == 0 or step == steps):
+                record(step)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in state["records"][-1].items() if k in ("swd", "fid", "loss_loss", "loss_fake")})
+            if any(stop):
+                break
+            if term:
+                save(step)
+                raise DisbackError(f"{task.stage}: stopped by SIGTERM after step {step}; checkpoint saved, continue with --resume")
+            if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                save(step)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if not state["records"] or state["records"][-1]["iteration"] != step:
         record(step)
-    return records
+    save(step)
+    return state["records"]
+
+
+def _check_losses(task: Task, losses: dict[str, float], step: int, state: dict, guard: Guard, checkpoints) -> None:
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if not bad:
+        state["in_a_row"] = 0
+        return
+    state["skipped"] += 1
+    state["in_a_row"] += 1
+    if guard.on_nonfinite == "skip" and state["in_a_row"] <= guard.max_skipped:
+        return  # the task did not apply the update whose loss was non-finite
+    where = _last_good(checkpoints)
+    if guard.on_nonfinite == "skip":
+        raise DisbackError(f"{task.stage}: {state['in_a_row']} steps in a row had non-finite losses (up to step {step}); {where}")
+    raise DisbackError(
+        f"{task.stage}: loss '{bad[0]}' became non-finite at step {step}; {where}. Lower the learning rate or check the "
+        "data, then rerun with --resume; or set run.on_nonfinite=skip to skip such steps"
+    )
+
+
+def _last_good(checkpoints: Checkpoints | None) -> str:
+    entries = checkpoints.entries() if checkpoints is not None else []
+    if not entries:
+        return "no checkpoint was saved before it"
+    return f"the last good checkpoint (step {entries[-1]['step']}) is in {checkpoints.folder}"
+

@@ -45,6 +45,17 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def save_array(path: Path, array) -> None:
+    """np.save, atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    atomic_write(path, write)
+
+
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> str:
     """Save a module's state dict as safetensors; metadata (JSON) goes in the file's header. Returns its sha256."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}

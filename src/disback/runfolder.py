@@ -1,0 +1,61 @@
+"""Run folders: every stage writes into a folder of its own, which is never overwritten by accident.
+
+A folder that holds a run (it has config.yaml) is continued with --resume, and only with the same settings; it is
+started again with --overwrite; a folder with files that disback did not write is never touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from disback.config import Config
+from disback.errors import DisbackError
+from disback.weights import write_text
+
+
+def write_config(cfg: Config, out: Path) -> None:
+    write_text(Path(out) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def begin_stage(cfg: Config, out: Path, resume: bool) -> None:
+    """Refuse to write into a folder that holds another run; on --resume, insist that it was made by this config."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        saved = out / "config.yaml"
+        if not resume:
+            raise DisbackError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start it again, "
+                               "or choose another --out")
+        if not saved.is_file():
+            raise DisbackError(f"{out} holds files that disback did not write (no config.yaml); choose another --out")
+        differ = config_differences(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+        if differ:
+            raise DisbackError(f"{out} holds a run with another config ({', '.join(differ[:5])}); resume it with the same "
+                               "settings, pass --overwrite to start it again, or choose another --out")
+    write_config(cfg, out)
+
+
+def clear_out(out: Path) -> None:
+    """--overwrite: delete a folder that disback wrote (it holds config.yaml); anything else is left alone."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "config.yaml").is_file():
+            raise DisbackError(f"{out} holds files that disback did not write; refusing to delete them; choose another --out")
+        shutil.rmtree(out)
+
+
+def config_differences(saved: dict, current: dict, where: str = "") -> list[str]:
+    """Dotted keys whose values differ; the run section (checkpointing) may change between a run and its resumption."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{where}.{key}" if where else str(key)
+        a, b = saved.get(key), current.get(key)
+        if name == "run":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name)
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
