@@ -7,7 +7,7 @@ from torch import nn
 
 import pytest
 
-from disback.gan import FeatureTap, GANHead, bottleneck, head_for
+from disback.gan import bottleneck, head_for
 from disback.losses import (
     dmd_generator_loss,
     dsm_loss,
@@ -149,11 +149,11 @@ def test_gan_head_learns_to_tell_real_from_generated_and_pushes_samples_toward_r
 
 def test_bottleneck_is_found_for_both_backbones():
     mlp = build_denoiser(tiny_config().network, (2,), 1.0)
-    assert bottleneck(mlp) is mlp.backbone.blocks[-1]
+    assert bottleneck(mlp) == (mlp.backbone.out, True)  # the last hidden state, the output layer's input
     unet = build_denoiser(tiny_config(network={"kind": "unet", "channels": [8, 16], "attention": [False, False]},
                                       data={"name": "digits", "resolution": 8, "channels": 1}).network, (1, 8, 8), 0.5)
     head, _ = head_for(unet, torch.zeros(2, 1, 8, 8), 1.0)
-    assert bottleneck(unet) is unet.backbone.unet.mid_block and head(torch.zeros(3, 16, 4, 4)).shape == (3,)
+    assert bottleneck(unet) == (unet.backbone.unet.mid_block, False) and head(torch.zeros(3, 16, 4, 4)).shape == (3,)
 
 
 @pytest.mark.parametrize("method", list(GENERATOR_LOSSES))

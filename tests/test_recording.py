@@ -111,3 +111,9 @@ def test_adaptive_schedule_state_round_trips():
     b = AdaptiveSchedule(num_nodes=4, ratio=0.5, min_dwell=6, max_dwell=50)
     b.load_state_dict(a.state_dict())
     assert _run(a, gaps[9:]) == _run(b, gaps[9:]) and not first
+
+
+def test_adaptive_schedule_ignores_skipped_steps():
+    s = AdaptiveSchedule(num_nodes=3, ratio=0.5, min_dwell=10, max_dwell=100)
+    gaps = [1.0, float("nan")] + [1.0] * 8 + [0.4] * 30  # a non-finite gap in the reference window
+    assert _run(s, gaps)[0] == 15  # as without it: a NaN in the reference would otherwise block until max_dwell (100)

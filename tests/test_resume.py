@@ -241,3 +241,48 @@ def test_a_demo_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
         [n.sha256 for n in DegradationPath.load(tmp_path / "b" / "path").nodes]
     for run in ("disback", "baseline"):
         same_files(tmp_path / "a" / run, tmp_path / "b" / run, ["generator.safetensors"])
+
+
+def test_a_recording_stopped_at_its_plateau_stays_stopped_when_resumed(tiny_teacher, monkeypatch, tmp_path):
+    """Killed after the loop ended early (plateau) but before the nodes were written: resuming must not train on."""
+    from disback.recording import DistanceRecorder
+
+    teacher_file, _ = tiny_teacher
+    cfg = tiny_config(network={"hidden": 64}, degrade={"spacing": "distance", "steps": 400, "plateau": 0.2}, **CKPT)
+    a = stages.record_path(cfg, teacher_file, tmp_path / "a", show_progress=False)
+    assert a.nodes[-1].step < 400, "this test needs a plateau stop"
+    real = DistanceRecorder.finish
+    monkeypatch.setattr(DistanceRecorder, "finish", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        stages.record_path(cfg, teacher_file, tmp_path / "b", show_progress=False)
+    monkeypatch.setattr(DistanceRecorder, "finish", real)
+    b = stages.record_path(cfg, teacher_file, tmp_path / "b", show_progress=False, resume=True)
+    assert [(n.step, n.sha256) for n in a.nodes] == [(n.step, n.sha256) for n in b.nodes]
+
+
+def test_resuming_from_another_teacher_is_refused(tiny_teacher, tmp_path, capsys):
+    teacher_file, _ = tiny_teacher
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(teacher_file.read_bytes())
+    args = ["degrade", "--out", str(tmp_path / "p"), *TINY_ARGS, "--set", "network.hidden=64"]
+    assert main([*args, "--teacher", str(teacher_file)]) == 0
+    from disback.models import load_model
+    from disback.weights import save_weights
+
+    model, meta = load_model(teacher_file)
+    torch.nn.init.zeros_(next(model.parameters()))
+    save_weights(model, other, meta)
+    assert main([*args, "--teacher", str(other), "--resume"]) == 2
+    assert "another teacher or path" in capsys.readouterr().err
+    # --overwrite checks the new settings before it deletes anything: a typo leaves the old run in place.
+    assert main([*args, "--teacher", str(other), "--overwrite", "--set", "degrade.stpes=3"]) == 2
+    assert "did you mean 'degrade.steps'" in capsys.readouterr().err
+    assert DegradationPath.load(tmp_path / "p").complete
+
+
+def test_too_few_distance_probes_fail_before_training(tiny_teacher, tmp_path):
+    teacher_file, _ = tiny_teacher
+    cfg = tiny_config(network={"hidden": 64}, degrade={"spacing": "distance", "probes": 3, "plateau": 0.0})
+    with pytest.raises(DisbackError, match="raise degrade.probes"):
+        stages.record_path(cfg, teacher_file, tmp_path / "p", show_progress=False)
+    assert not (tmp_path / "p" / "metrics.jsonl").exists()

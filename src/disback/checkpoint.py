@@ -121,12 +121,18 @@ class Checkpoints:
     def latest(self) -> tuple[int, dict[str, Any]] | None:
         """The newest checkpoint that reads back whole; a damaged newest one falls back to the one before, loudly."""
         entries = self.entries()
-        for entry in reversed(entries):
-            file = self.folder / entry["file"]
+        for i in range(len(entries) - 1, -1, -1):
+            file = self.folder / entries[i]["file"]
             try:
-                return entry["step"], read(file, entry.get("sha256"))
+                state = read(file, entries[i].get("sha256"))
             except DisbackError as exc:
                 print(f"warning: {exc}; trying an older checkpoint", flush=True)
+                continue
+            if i < len(entries) - 1:  # forget the damaged newer ones, so that pruning never deletes this good one
+                write_json(self.folder / INDEX, {"checkpoints": entries[: i + 1]})
+                for bad in entries[i + 1:]:
+                    (self.folder / bad["file"]).unlink(missing_ok=True)
+            return entries[i]["step"], state
         if entries:
             raise DisbackError(f"no checkpoint in {self.folder} can be read; delete that folder to start the stage again")
         return None

@@ -98,24 +98,32 @@ def _run(args: argparse.Namespace) -> int:
 
     show = not args.quiet if hasattr(args, "quiet") else True
     resume = getattr(args, "resume", False)
-    if getattr(args, "overwrite", False):
-        if resume:
-            raise DisbackError("--resume continues a run and --overwrite deletes it: give one of them")
-        clear_out(Path(args.out))
+    if resume and getattr(args, "overwrite", False):
+        raise DisbackError("--resume continues a run and --overwrite deletes it: give one of them")
+
+    def settled() -> None:
+        """--overwrite deletes the old run only once the new settings (and the inputs they name) have been checked."""
+        if getattr(args, "overwrite", False):
+            clear_out(Path(args.out))
+
     if args.command == "demo":
         from disback.demo import run_demo
         from disback.report import write_report
 
         cfg = _config(args)
+        settled()
         run_demo(cfg, Path(args.out), show, resume)
         print(write_report(Path(args.out)))
         print(f"\nreport: {Path(args.out) / 'report.md'}")
     elif args.command == "teacher":
         cfg = _config(args)
+        settled()
         path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show, resume)
         print(f"teacher: {path}")
     elif args.command == "degrade":
         cfg = _config(args)
+        stages.load_teacher(Path(args.teacher))
+        settled()
         path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume)
         print(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
     elif args.command in ("backtrack", "distill"):
@@ -123,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _config(args, data_default=meta["data"])
         teacher_file = stages.resolve_teacher(Path(args.teacher))
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
+        settled()
         result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show, resume)
         final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
         print(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")

@@ -67,7 +67,7 @@ class DegradeConfig:
     spacing: str = "distance"  # where nodes go: "steps" (every K_1/N steps, the paper), "geometric", "distance"
     probes: int = 0  # distance measurements during stage 1 (dense early); 0 = 16 per node
     candidates: int = 4  # "distance": checkpoints per node held in CPU memory until the nodes are chosen
-    plateau: float = 0.0  # "distance": end stage 1 early once the distance grew < this fraction over the last half
+    plateau: float = 0.05  # "distance" only: end stage 1 once the distance grew < this fraction over the last half
 
 
 @dataclass
@@ -88,9 +88,9 @@ class DistillConfig:
     schedule: str = "adaptive"  # how the target walks back: "fixed" (every switch_every steps, the paper),
     #                             "adaptive" (when the generator has caught up), "warm_start" (teacher at once)
     switch_ratio: float = 0.5  # adaptive: advance when the fake-target gap falls to this fraction of its start
-    min_dwell: int = 20  # adaptive: generator steps on a node before it may advance (both bounds shrink so that
+    min_dwell: int = 10  # adaptive: generator steps on a node before it may advance (both bounds shrink so that
     #                      the walk reaches the teacher by half of distill.steps)
-    max_dwell: int = 200  # adaptive: generator steps after which it advances regardless
+    max_dwell: int = 100  # adaptive: generator steps after which it advances regardless
 
 
 @dataclass
@@ -108,6 +108,10 @@ class RunConfig:
     keep: int = 2  # checkpoints kept per stage; older ones are deleted only once a newer one is complete
     on_nonfinite: str = "stop"  # a non-finite loss: "stop" (clear error, last good checkpoint kept) or "skip" the update
     max_skipped: int = 20  # "skip": stop after this many consecutive skipped steps
+    precision: str = "fp32"  # "bf16": autocast in bf16 with fp32 master weights, and the frozen target held in bf16
+    channels_last: bool = False  # UNets in channels-last memory format (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the networks' forward (state_dict keys unchanged)
+    gradient_checkpointing: bool = False  # UNets recompute activations in the backward pass: less memory, more time
 
 
 @dataclass
@@ -286,23 +290,29 @@ def _check(cfg: Config) -> None:
     _check_choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
     _check_choice("distill.method", cfg.distill.method, METHODS)
     _check_choice("run.on_nonfinite", cfg.run.on_nonfinite, ("stop", "skip"))
-    if cfg.run.checkpoint_every < 1 or cfg.run.keep < 1 or cfg.run.max_skipped < 1:
-        raise DisbackError("'run.checkpoint_every', 'run.keep' and 'run.max_skipped' must be positive")
+    _check_choice("run.precision", cfg.run.precision, ("fp32", "bf16"))
+    for key in ("checkpoint_every", "keep", "max_skipped"):
+        if getattr(cfg.run, key) < 1:
+            raise DisbackError(f"'run.{key}' must be positive, got {getattr(cfg.run, key)}")
     if cfg.distill.method == "dmd2" and cfg.distill.fake_updates < 2:
-        raise DisbackError(f"method dmd2 updates the fake score on a faster time-scale: set distill.fake_updates to 2 or more (DMD2 uses 5), got {cfg.distill.fake_updates}")
-    if cfg.distill.gan_weight < 0 or cfg.distill.gan_head_weight < 0:
-        raise DisbackError("'distill.gan_weight' and 'distill.gan_head_weight' must be 0 or more")
-    if not 0.0 <= cfg.degrade.plateau < 1.0 or (cfg.degrade.plateau and cfg.degrade.spacing != "distance"):
-        raise DisbackError(f"'degrade.plateau' must be in [0, 1) and needs degrade.spacing=distance; got {cfg.degrade.plateau} with '{cfg.degrade.spacing}'")
-    if cfg.degrade.probes < 0 or cfg.degrade.candidates < 2:
-        raise DisbackError("'degrade.probes' must be 0 (automatic) or more, and 'degrade.candidates' at least 2")
+        raise DisbackError(f"method dmd2 updates the fake score on a faster time-scale, so distill.fake_updates must be 2 or more "
+                           f"(DMD2 uses 5), got {cfg.distill.fake_updates}; e.g. --set distill.fake_updates=2")
+    for key in ("gan_weight", "gan_head_weight"):
+        if getattr(cfg.distill, key) < 0:
+            raise DisbackError(f"'distill.{key}' must be 0 or more, got {getattr(cfg.distill, key)}")
+    if not 0.0 <= cfg.degrade.plateau < 1.0:
+        raise DisbackError(f"'degrade.plateau' must be in [0, 1) (0 = never stop early), got {cfg.degrade.plateau}")
+    if cfg.degrade.probes < 0:
+        raise DisbackError(f"'degrade.probes' must be 0 (automatic: 16 per node) or more, got {cfg.degrade.probes}")
+    if cfg.degrade.candidates < 2:
+        raise DisbackError(f"'degrade.candidates' must be at least 2, got {cfg.degrade.candidates}")
     if not 0.0 < cfg.distill.switch_ratio < 1.0:
         raise DisbackError(f"'distill.switch_ratio' must be in (0, 1), got {cfg.distill.switch_ratio}")
     if not 1 <= cfg.distill.min_dwell <= cfg.distill.max_dwell:
         raise DisbackError(f"need 1 <= 'distill.min_dwell' ({cfg.distill.min_dwell}) <= 'distill.max_dwell' ({cfg.distill.max_dwell})")
-    for section in (cfg.edm, cfg.distill):
+    for name, section in (("edm", cfg.edm), ("distill", cfg.distill)):
         if section.sigma_min >= section.sigma_max:
-            raise DisbackError(f"sigma_min ({section.sigma_min}) must be below sigma_max ({section.sigma_max})")
+            raise DisbackError(f"'{name}.sigma_min' ({section.sigma_min}) must be below '{name}.sigma_max' ({section.sigma_max})")
     net = cfg.network
     if net.kind not in ("mlp", "unet"):
         raise DisbackError(f"'network.kind' must be 'mlp' (points) or 'unet' (images), got '{net.kind}'")

@@ -113,7 +113,7 @@ def run_demo(cfg: Config, out: Path, show_progress: bool = True, resume: bool = 
             "node_spacing": cfg.degrade.spacing,
             "target_schedule": cfg.distill.schedule,
             "switch_every": cfg.distill.switch_every if cfg.distill.schedule == "fixed" else None,
-            "dwell": [cfg.distill.min_dwell, cfg.distill.max_dwell] if cfg.distill.schedule == "adaptive" else None,
+            "dwell": list(stages.dwell_bounds(cfg, len(path))) if cfg.distill.schedule == "adaptive" else None,
             "batch": cfg.distill.batch,
             "eval_every": cfg.eval.every,
             "eval_samples": cfg.data.n_eval,

@@ -11,27 +11,31 @@ import torch
 from torch import nn
 
 
-def bottleneck(denoiser: nn.Module) -> nn.Module:
-    """The module whose output is the backbone's deepest features: a UNet's mid-block, an MLP's last hidden block."""
+def bottleneck(denoiser: nn.Module) -> tuple[nn.Module, bool]:
+    """The module that carries the backbone's deepest features, and whether they are its input (rather than its
+    output): a UNet's mid-block output; the input of an MLP's output layer (its last hidden state)."""
     modules = dict(denoiser.named_modules())
     for name, module in modules.items():
         if name.endswith("mid_block"):
-            return module
-    blocks = [name for name in modules if name.rsplit(".", 1)[0].endswith("blocks") and name.rsplit(".", 1)[-1].isdigit()]
-    if blocks:
-        return modules[blocks[-1]]
+            return module, False
+    for name, module in modules.items():
+        if name.endswith("backbone.out") and isinstance(module, nn.Linear):
+            return module, True
     raise ValueError(f"no bottleneck found in {type(denoiser).__name__}; the GAN term needs a UNet or the MLP backbone")
 
 
 class FeatureTap:
-    """Keeps the last output of a module (a forward hook), for the head to classify."""
+    """Keeps the features last seen by a module (a forward hook; a pre-hook when they are its input)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, inputs: bool = False):
         self.features: torch.Tensor | None = None
-        module.register_forward_hook(self._keep)
+        if inputs:
+            module.register_forward_pre_hook(lambda mod, args: self._keep(args[0]))
+        else:
+            module.register_forward_hook(lambda mod, args, output: self._keep(output))
 
-    def _keep(self, module, inputs, output) -> None:
-        self.features = output
+    def _keep(self, features: torch.Tensor) -> None:
+        self.features = features
 
     def take(self) -> torch.Tensor:
         features, self.features = self.features, None
@@ -59,7 +63,7 @@ class GANHead(nn.Module):
 
 def head_for(denoiser: nn.Module, probe_input: torch.Tensor, sigma: float, labels: torch.Tensor | None = None) -> tuple[GANHead, FeatureTap]:
     """A head sized by running the denoiser once on ``probe_input``, and the tap that feeds it."""
-    tap = FeatureTap(bottleneck(denoiser))
+    tap = FeatureTap(*bottleneck(denoiser))
     with torch.no_grad():
         denoiser(probe_input, torch.full((len(probe_input),), sigma, device=probe_input.device), labels)
     features = tap.take()

@@ -7,6 +7,7 @@ initial generator. Files are found through the manifest, never by building names
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,8 @@ class AdaptiveSchedule(TargetSchedule):
     def ready(self, gap: float | None) -> bool:
         if gap is None:
             raise ValueError("the adaptive schedule needs the fake-target gap of every generator step")
-        self.gaps.append(gap)
+        if math.isfinite(gap):  # a skipped (non-finite) step says nothing about the generator
+            self.gaps.append(gap)
         if self.since_switch >= self.max_dwell:
             return self._advance()
         if self.since_switch < self.min_dwell or len(self.gaps) < 2 * self.window:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from disback.config import EDMConfig
+from disback.errors import DisbackError
 from disback.losses import weighted_mse
 from disback.path import DegradationPath
 from disback.sampling import karras_schedule
@@ -99,6 +100,11 @@ class DistanceRecorder:
         self.path, self.model, self.nodes, self.metadata, self.probe = path, model, nodes, metadata, probe
         self.plateau = plateau
         self.at = set(probe_steps(steps, probes or 16 * nodes))
+        needed = 2 * nodes if plateau else nodes  # the plateau test compares with the distance at half the steps
+        if len(self.at) < needed:
+            raise DisbackError(f"distance spacing needs at least {needed} distinct probe steps, and degrade.probes={probes} "
+                               f"over {steps} stage-1 steps gives {len(self.at)}; raise degrade.probes (0 = 16 per node) "
+                               "or degrade.steps")
         self.capacity = max(candidates * nodes, nodes) + 1
         self.candidates: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # (step, distance, CPU weights)
         self.probed: list[tuple[int, float]] = []  # every measurement, for the metrics log

@@ -6,22 +6,27 @@ started again with --overwrite; a folder with files that disback did not write i
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from disback.config import Config
 from disback.errors import DisbackError
-from disback.weights import write_text
+from disback.weights import write_json, write_text
+
+INPUTS = "inputs.json"  # sha256 of the files a stage reads: a resumed stage must read the same ones
 
 
 def write_config(cfg: Config, out: Path) -> None:
     write_text(Path(out) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def begin_stage(cfg: Config, out: Path, resume: bool) -> None:
-    """Refuse to write into a folder that holds another run; on --resume, insist that it was made by this config."""
+def begin_stage(cfg: Config, out: Path, resume: bool, inputs: dict[str, Any] | None = None) -> None:
+    """Refuse to write into a folder that holds another run; on --resume, insist that it was made by this config and
+    from the same ``inputs`` (the sha256 of the teacher and path nodes it reads)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         saved = out / "config.yaml"
@@ -34,7 +39,13 @@ def begin_stage(cfg: Config, out: Path, resume: bool) -> None:
         if differ:
             raise DisbackError(f"{out} holds a run with another config ({', '.join(differ[:5])}); resume it with the same "
                                "settings, pass --overwrite to start it again, or choose another --out")
+        saved_inputs = out / INPUTS
+        if inputs is not None and saved_inputs.is_file() and json.loads(saved_inputs.read_text()) != inputs:
+            raise DisbackError(f"{out} was started from another teacher or path than the one given now; resume it with the "
+                               "same --teacher/--path, pass --overwrite to start it again, or choose another --out")
     write_config(cfg, out)
+    if inputs is not None:
+        write_json(out / INPUTS, inputs)
 
 
 def clear_out(out: Path) -> None:

@@ -37,12 +37,29 @@ _ACCELERATOR: Accelerator | None = None
 RESULT = "result.json"  # written last by a distillation run: the run is finished
 
 
-def accelerator() -> Accelerator:
+def accelerator(precision: str = "fp32") -> Accelerator:
     """One Accelerator per process (Accelerate keeps global state); one process here, many under accelerate launch."""
     global _ACCELERATOR
+    mixed = {"fp32": "no", "bf16": "bf16"}[precision]
     if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator()
+        _ACCELERATOR = Accelerator(mixed_precision=mixed)
+    elif _ACCELERATOR.mixed_precision != mixed:
+        raise DisbackError(f"this process already runs with precision {_ACCELERATOR.mixed_precision}; run.precision={precision} "
+                           "needs a process of its own (one command per precision)")
     return _ACCELERATOR
+
+
+def speed_up(cfg: Config, *modules: torch.nn.Module) -> None:
+    """run.channels_last, run.compile and run.gradient_checkpointing, applied in place (state_dict keys unchanged)."""
+    for module in modules:
+        if cfg.run.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if cfg.run.gradient_checkpointing:
+            for sub in module.modules():
+                if hasattr(sub, "enable_gradient_checkpointing") and getattr(sub, "_supports_gradient_checkpointing", False):
+                    sub.enable_gradient_checkpointing()
+        if cfg.run.compile:
+            module.compile()
 
 
 def eval_noise(cfg: Config, shape: tuple[int, ...], num_classes: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,9 +140,10 @@ def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True
     if cfg.teacher.pretrained:
         return import_teacher(cfg, data, cfg.teacher.pretrained, out)
     set_seed(cfg.seed)
-    acc = accelerator()
+    acc = accelerator(cfg.run.precision)
     source = DataSource(data, cfg.network.num_classes, acc.device, cfg.seed)
     denoiser = build_denoiser(cfg.network, data.shape, cfg.edm.sigma_data)
+    speed_up(cfg, denoiser)
     task = ScoreFitting(denoiser, source, batch=cfg.teacher.batch, lr=cfg.teacher.lr, edm=cfg.edm, accelerator=acc,
                         stage="teacher", ema_decay=cfg.teacher.ema_decay)
     train_loop(task, cfg.teacher.steps, log=MetricsLog(out / "metrics.jsonl"), eval_every=max(cfg.teacher.steps // 20, 1),
@@ -182,14 +200,14 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     nodes as ``degrade.spacing`` places them (disback.recording). With ``resume``, continue an interrupted recording
     from its latest checkpoint (a complete path is returned as it is)."""
     out = Path(out)
-    begin_stage(cfg, out, resume)
+    teacher_file = resolve_teacher(teacher_file)
+    begin_stage(cfg, out, resume, {"teacher_sha256": sha256_file(teacher_file)})
     if resume and (out / MANIFEST).is_file():
         existing = DegradationPath.load(out)
         if existing.complete:
             return existing
     set_seed(cfg.seed + 1)
-    acc = accelerator()
-    teacher_file = resolve_teacher(teacher_file)
+    acc = accelerator(cfg.run.precision)
     teacher, meta = load_teacher(teacher_file)
     teacher = teacher.to(acc.device)
     generator0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False)
@@ -204,6 +222,7 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     path = DegradationPath.create(out, config, replace=resume)
     probe = DistanceProbe(teacher, *source(cfg.degrade.batch), cfg.edm, seed=cfg.seed)
     degrading = copy.deepcopy(teacher).requires_grad_(True)  # psi starts at theta
+    speed_up(cfg, degrading)
     path.add_node(degrading, 0, meta, 0.0)
     task = ScoreFitting(degrading, source, batch=cfg.degrade.batch, lr=cfg.degrade.lr, edm=cfg.edm, accelerator=acc, stage="degrade")
     deg, steps = cfg.degrade, cfg.degrade.steps
@@ -233,35 +252,42 @@ def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
 # ---------------------------------------------------------------- stage 2 and the baseline
 
 
+def dwell_bounds(cfg: Config, num_nodes: int) -> tuple[int, int]:
+    """The adaptive schedule's (min, max) steps per node, shrunk so that the walk reaches the teacher by half of
+    distill.steps at the latest: the generator always trains against the teacher."""
+    high = max(min(cfg.distill.max_dwell, cfg.distill.steps // (2 * max(num_nodes - 1, 1))), 1)
+    return min(cfg.distill.min_dwell, high), high
+
+
 def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath | None, out: Path,
             show_progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node).
     With ``resume``, continue from the folder's latest checkpoint (a finished run is read back as it is)."""
     out = Path(out)
-    begin_stage(cfg, out, resume)
-    if resume and (out / RESULT).is_file():
-        return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
     teacher_file = resolve_teacher(teacher_file)
     stage = "distill" if path is None else "backtrack"
     if path is None:
         path = DegradationPath.teacher_only(teacher_file, sha256_file(teacher_file))
-    set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
-    acc = accelerator()
+    inputs = {"teacher_sha256": sha256_file(teacher_file), "nodes_sha256": [n.sha256 for n in path.nodes]}
+    begin_stage(cfg, out, resume, inputs)
+    if resume and (out / RESULT).is_file():
+        return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
     teacher, meta = load_teacher(teacher_file)
     check_data_matches(data, meta, teacher_file)
+    measure = metrics_for(cfg, data)  # before the seed: a feature network trained now must not shift the run's RNG
+    set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
+    acc = accelerator(cfg.run.precision)
     path.verify(copy.deepcopy(teacher))  # every node's sha256, keys and shapes, before any training
     generator = generator_from_teacher(teacher, cfg.distill.sigma_g)
     fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    speed_up(cfg, generator, fake, target)
     d = cfg.distill
-    # The adaptive walk ends by half the budget at the latest, so that the generator always trains against the teacher.
-    max_dwell = max(min(d.max_dwell, d.steps // (2 * max(len(path) - 1, 1))), 1)
-    schedule = make_schedule(len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio,
-                             min_dwell=min(d.min_dwell, max_dwell), max_dwell=max_dwell)
+    low, high = dwell_bounds(cfg, len(path))
+    schedule = make_schedule(len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio, min_dwell=low, max_dwell=high)
     classes = meta.get("num_classes", 0)
     real = DataSource(data, classes, acc.device, cfg.seed + 3) if METHODS[cfg.distill.method].gan else None
     task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, shape=data.shape,
                         accelerator=acc, stage=stage, num_classes=classes, real=real)
-    measure = metrics_for(cfg, data)
     z, labels = eval_noise(cfg, data.shape, meta.get("num_classes", 0), acc.device)
 
     def evaluate() -> dict[str, float]:

@@ -93,7 +93,7 @@ def train_loop(
     not evaluation. With ``checkpoints``, the whole state is saved every ``checkpoint_every`` steps and at the end
     (or on SIGTERM); ``resume`` continues from the latest one, exactly where it was."""
     callbacks = list(callbacks)
-    state = {"step": 0, "wall": 0.0, "records": [], "skipped": 0, "in_a_row": 0}
+    state = {"step": 0, "wall": 0.0, "records": [], "skipped": 0, "in_a_row": 0, "stopped": False}
     losses: dict[str, float] = {}
 
     def record(step: int) -> None:
@@ -128,11 +128,11 @@ def train_loop(
         set_rng_state(saved["rng"])
         if log is not None:
             log.rewrite(state["records"])
-        start = saved_step + 1
+        start = saved_step + 1 if not state["stopped"] else steps + 1  # a callback had ended the loop: it stays ended
     elif evaluate is not None:
         record(0)
 
-    step = start - 1
+    step = start - 1 if not state["stopped"] else state["step"]
     # SIGTERM (preemption) is noted and acted on between steps, so that the checkpoint never holds half a step.
     term: list[int] = []
     catch = checkpoints is not None and threading.current_thread() is threading.main_thread()
@@ -149,6 +149,7 @@ def train_loop(
                 record(step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in state["records"][-1].items() if k in ("swd", "fid", "loss_loss", "loss_fake")})
             if any(stop):
+                state["stopped"] = True
                 break
             if term:
                 save(step)
@@ -177,8 +178,8 @@ def _check_losses(task: Task, losses: dict[str, float], step: int, state: dict, 
     if guard.on_nonfinite == "skip":
         raise DisbackError(f"{task.stage}: {state['in_a_row']} steps in a row had non-finite losses (up to step {step}); {where}")
     raise DisbackError(
-        f"{task.stage}: loss '{bad[0]}' became non-finite at step {step}; {where}. Lower the learning rate or check the "
-        "data, then rerun with --resume; or set run.on_nonfinite=skip to skip such steps"
+        f"{task.stage}: loss '{bad[0]}' became non-finite at step {step}; {where}. Check the data, or start again with "
+        "a lower learning rate (--overwrite --set ...), or set run.on_nonfinite=skip to skip such steps"
     )
 
 
