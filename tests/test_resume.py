@@ -286,3 +286,14 @@ def test_too_few_distance_probes_fail_before_training(tiny_teacher, tmp_path):
     with pytest.raises(DisbackError, match="raise degrade.probes"):
         stages.record_path(cfg, teacher_file, tmp_path / "p", show_progress=False)
     assert not (tmp_path / "p" / "metrics.jsonl").exists()
+
+
+def test_a_teacher_for_other_data_is_refused_before_training(tiny_teacher, tmp_path, capsys):
+    teacher_file, _ = tiny_teacher
+    points = tmp_path / "xyz.csv"
+    np.savetxt(points, np.random.default_rng(0).normal(size=(200, 3)), delimiter=",")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher_file), "--data", str(points), "--out", str(out), *TINY_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "takes samples of shape (2,)" in err and "has shape (3,)" in err
+    assert not (out / "metrics.jsonl").exists()

@@ -85,7 +85,7 @@ class DistillConfig:
     sid_alpha: float = 1.2  # sid: the alpha of SiD's loss (1.2 in the SiD paper)
     gan_weight: float = 0.003  # dmd2: weight of the GAN term in the generator's loss (DMD2's ImageNet value)
     gan_head_weight: float = 0.01  # dmd2: weight of the GAN head's loss in the fake score's loss (DMD2's)
-    schedule: str = "adaptive"  # how the target walks back: "fixed" (every switch_every steps, the paper),
+    schedule: str = "warm_start"  # how the target walks back: "fixed" (every switch_every steps, the paper),
     #                             "adaptive" (when the generator has caught up), "warm_start" (teacher at once)
     switch_ratio: float = 0.5  # adaptive: advance when the fake-target gap falls to this fraction of its start
     min_dwell: int = 10  # adaptive: generator steps on a node before it may advance (both bounds shrink so that
