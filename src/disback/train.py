@@ -110,8 +110,7 @@ def train_loop(
     def save(step: int) -> None:
         if checkpoints is None:
             return
-        bad = [i for i, m in enumerate(task.modules()) for p in m.parameters() if not torch.isfinite(p).all()]
-        if bad:
+        if any(not torch.isfinite(p).all() for m in task.modules() for p in m.parameters()):
             raise DisbackError(f"{task.stage}: the weights became non-finite by step {step}; {_last_good(checkpoints)}")
         checkpoints.save(step, {"task": task.state_dict(), "loop": dict(state, step=step), "rng": rng_state(),
                                 "callbacks": [getattr(cb, "state_dict", lambda: None)() for cb in callbacks]})
@@ -132,7 +131,7 @@ def train_loop(
     elif evaluate is not None:
         record(0)
 
-    step = start - 1 if not state["stopped"] else state["step"]
+    step = state["step"]  # 0, or the checkpoint's step
     # SIGTERM (preemption) is noted and acted on between steps, so that the checkpoint never holds half a step.
     term: list[int] = []
     catch = checkpoints is not None and threading.current_thread() is threading.main_thread()
