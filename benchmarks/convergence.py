@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/convergence.py --out runs/convergence            # the schedule variants, 5 seeds
     .venv/bin/python benchmarks/convergence.py --quick --out runs/convergence-q  # a few minutes
-    .venv/bin/python benchmarks/convergence.py --methods vsd dmd dmd2 sid --seeds 0 1 2 --out runs/methods  # methods
+    .venv/bin/python benchmarks/convergence.py --suite methods --jobs 2 --out runs/methods   # every method, ~1 h
+    .venv/bin/python benchmarks/convergence.py --suite methods --quick --out runs/methods-q  # a few minutes
 
 Variants (VARIANTS below): the baseline (plain distillation, fake score starts at the teacher), warm start only (fake
 score starts at the path's last node, target the teacher at once), DisBack as the paper does it (nodes every K_1/N
@@ -46,33 +47,51 @@ VARIANTS = {  # name -> (config overrides, whether it needs a degradation path)
 }
 PRESETS = {"digits": "digits", "fashion": "fashion"}  # data sets that need another preset than toy2d
 FACTORS = (4.0, 3.0, 2.0)
+METHODS = ["vsd", "dmd", "dmd2", "sid"]
 QUICK = {  # a few minutes on 2 CPU cores: smaller budgets, the same code
     "teacher": {"steps": 1500}, "degrade": {"steps": 200, "nodes": 4}, "distill": {"steps": 600, "switch_every": 50},
     "data": {"n_eval": 1000}, "eval": {"every": 50},
 }
+# Named set-ups: default data, seeds and methods, and budget overrides per preset (what --set adds goes on top).
+SUITES = {
+    "schedules": {"data": ["ring8", "grid25", "moons", "checkerboard", "digits"], "seeds": [0, 1, 2, 3, 4],
+                  "methods": ["dmd"], "budgets": {}},
+    "schedules-quick": {"data": ["ring8", "moons"], "seeds": [0, 1], "methods": ["dmd"], "budgets": {"toy2d": QUICK}},
+    # every method with and without backtracking in about an hour on 2 CPU cores (--jobs 2): shorter budgets
+    "methods": {"data": ["ring8", "grid25", "moons", "digits"], "seeds": [0, 1, 2], "methods": METHODS,
+                "budgets": {"toy2d": {"distill": {"steps": 800}},
+                            "digits": {"distill": {"steps": 300, "batch": 64}, "data": {"n_eval": 500},
+                                       "eval": {"every": 25}}}},
+    "methods-quick": {"data": ["ring8"], "seeds": [0], "methods": METHODS, "budgets": {"toy2d": QUICK}},
+}
 
 
-def config(name: str, seed: int, extra: dict, quick: bool):
-    overrides = merge(QUICK, extra) if quick and name not in PRESETS else extra
-    return build_config(PRESETS.get(name, "toy2d"), overrides=merge(overrides, {"seed": seed, "data": {"name": name}}))
+def preset_of(name: str) -> str:
+    return PRESETS.get(name, "toy2d")
 
 
-def teacher_job(name: str, extra: dict, quick: bool, out: str) -> str:
+def config(name: str, seed: int, extra: dict, budget: dict):
+    """The preset of data set ``name`` with the suite's ``budget`` and the user's ``extra`` overrides on top."""
+    overrides = merge(merge(budget, extra), {"seed": seed, "data": {"name": name}})
+    return build_config(preset_of(name), overrides=overrides)
+
+
+def teacher_job(name: str, extra: dict, budget: dict, out: str) -> str:
     torch.set_num_threads(1)
-    cfg = config(name, 0, extra, quick)
+    cfg = config(name, 0, extra, budget)
     folder = Path(out) / Path(name).stem / "teacher"
     if (folder / "teacher.safetensors").is_file():
         return str(folder / "teacher.safetensors")
     return str(stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), folder, show_progress=False))
 
 
-def seed_job(name: str, seed: int, extra: dict, quick: bool, out: str, teacher_file: str, variants: list[str],
+def seed_job(name: str, seed: int, extra: dict, budget: dict, out: str, teacher_file: str, variants: list[str],
              method: str, prefix: bool) -> dict:
     """Stage 1 once per spacing, then every variant with ``method``; the result of one (data, seed, method).
     With ``prefix`` (several methods compared) the runs are named "method: variant"."""
     torch.set_num_threads(1)
     root = Path(out) / Path(name).stem / f"seed-{seed}" / method
-    base = config(name, seed, extra, quick)
+    base = config(name, seed, extra, budget)
     data = load_data(base.data, seed)
     teacher = stages.metrics_for(base, data)(load_samples(Path(teacher_file).parent))
     paths: dict[str, tuple] = {}
@@ -81,9 +100,9 @@ def seed_job(name: str, seed: int, extra: dict, quick: bool, out: str, teacher_f
         overrides, needs_path = VARIANTS[variant]
         overrides = merge(overrides, {"distill": {"method": method}})
         if method == "dmd2":  # two time-scales: at least 2 fake-score updates per generator update
-            fake_updates = config(name, seed, extra, quick).distill.fake_updates
+            fake_updates = config(name, seed, extra, budget).distill.fake_updates
             overrides = merge(overrides, {"distill": {"fake_updates": max(fake_updates, 2)}})
-        cfg = config(name, seed, merge(extra, overrides), quick)
+        cfg = config(name, seed, merge(extra, overrides), budget)
         path, stage1_steps, stage1_wall = None, 0, 0.0
         if needs_path:
             spacing = f"{cfg.degrade.spacing}-{cfg.degrade.nodes}-{cfg.degrade.plateau:g}"  # the same stage 1 is shared
@@ -260,21 +279,25 @@ def plot(results: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", help="default: ring8 grid25 moons checkerboard digits (--quick: ring8 moons)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 3 4 (--quick: 0 1)")
+    parser.add_argument("--suite", default="schedules", choices=["schedules", "methods"],
+                        help="schedules: dmd, 5 data sets, 5 seeds; methods: every method, ring8 grid25 moons digits, "
+                             "3 seeds, shorter budgets (about an hour here with --jobs 2)")
+    parser.add_argument("--quick", action="store_true", help="the suite in a few minutes: 2-D data, small budgets")
+    parser.add_argument("--data", nargs="+", help="default: the suite's")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: the suite's")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--methods", nargs="+", default=["dmd"], choices=["vsd", "dmd", "dmd2", "sid"],
-                        help="generator losses; each is compared with its own baseline")
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        help="generator losses (default: the suite's); each is compared with its own baseline")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--quick", action="store_true", help="2-D data at small budgets; ring8 and moons, 2 seeds")
     parser.add_argument("--jobs", type=int, default=1, help="(data, seed) pairs run in parallel, one thread each")
     parser.add_argument("--out", default="runs/convergence")
     parser.add_argument("--reuse", action="store_true", help="rebuild the tables from the (data, seed) results in OUT")
     args = parser.parse_args()
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
-    args.data = args.data or (["ring8", "moons"] if args.quick else ["ring8", "grid25", "moons", "checkerboard", "digits"])
-    args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
+    suite = SUITES[args.suite + ("-quick" if args.quick else "")]
+    args.data, args.seeds = args.data or suite["data"], args.seeds or suite["seeds"]
+    args.methods, args.budgets = args.methods or suite["methods"], suite["budgets"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     begun = time.perf_counter()
@@ -296,11 +319,13 @@ def run(args, out: Path) -> list[dict]:
     extra = parse_overrides(args.overrides)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        teachers = {name: pool.submit(teacher_job, name, extra, args.quick, str(out)) for name in args.data}
+        budget = {name: args.budgets.get(preset_of(name), {}) for name in args.data}
+        teachers = {name: pool.submit(teacher_job, name, extra, budget[name], str(out)) for name in args.data}
         teachers = {name: future.result() for name, future in teachers.items()}
         prefix = len(args.methods) > 1
-        futures = [pool.submit(seed_job, name, seed, extra, args.quick, str(out), teachers[name], args.variants, method, prefix)
-                   for name in args.data for seed in args.seeds for method in args.methods]
+        futures = [pool.submit(seed_job, name, seed, extra, budget[name], str(out), teachers[name], args.variants, method, prefix)
+                   for name in sorted(args.data, key=lambda n: n not in PRESETS)  # the longest (image) jobs first
+                   for seed in args.seeds for method in args.methods]
         results = merge_results([f.result() for f in futures])
     return results
 
