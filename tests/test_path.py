@@ -129,6 +129,8 @@ def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exac
             node = t.target_node()
             seen.append(node)
             assert _equal(t.target, node_states[node]), f"target at step {step} is not node {node}'s file"
+            # the next node is being read ahead, so that the switch to it only copies weights
+            assert (t.nodes.ahead[0] if t.nodes.ahead else None) == t.schedule.upcoming
 
     assert _equal(task.target, node_states[3])
     train_loop(task, 20, callbacks=[Watch()], show_progress=False)
@@ -155,15 +157,30 @@ def test_loading_a_node_whose_keys_do_not_match_fails_loudly(tmp_path):
         load_weights(model, tmp_path / "wide.safetensors")
 
 
-def test_a_corrupted_node_is_refused(tmp_path):
-    cfg = tiny_config()
-    path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=2)
-    file = tmp_path / "path" / path.nodes[1].file
+def _flip_a_byte(file) -> None:
     data = bytearray(file.read_bytes())
     data[-3] ^= 0xFF
     file.write_bytes(bytes(data))
+
+
+def test_a_corrupted_node_is_refused(tmp_path):
+    cfg = tiny_config()
+    path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=2)
+    _flip_a_byte(tmp_path / "path" / path.nodes[1].file)
     with pytest.raises(DisbackError, match="sha256"):
         DegradationPath.load(tmp_path / "path").load_node(1, model)
+
+
+def test_a_node_corrupted_before_it_is_read_ahead_fails_the_switch(tmp_path):
+    cfg = tiny_config()
+    path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=3)
+    _flip_a_byte(tmp_path / "path" / path.nodes[0].file)
+    generator = generator_from_teacher(model, cfg.distill.sigma_g)
+    task = Distillation(generator, copy.deepcopy(model), copy.deepcopy(model), path, FixedSchedule(3, 2), cfg=cfg.distill,
+                        edm=cfg.edm, shape=(2,), accelerator=stages.accelerator(), stage="backtrack")
+    task.train_step()  # on node 1; node 0 (the corrupted one) is read ahead in the background
+    with pytest.raises(DisbackError, match="sha256"):
+        task.train_step()  # the switch to node 0
 
 
 def test_a_path_from_another_teacher_is_refused(tiny_teacher, tmp_path):

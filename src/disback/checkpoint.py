@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from disback.distributed import is_writer
 from disback.errors import DisbackError
 from disback.weights import atomic_write, sha256_file, write_json
 
@@ -104,10 +105,12 @@ class Checkpoints:
             raise DisbackError(f"{index} is damaged ({exc!r}); delete the folder {self.folder} to start the stage again") from None
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
+        name = f"checkpoint-{step:09d}.safetensors"
+        if not is_writer():  # every process holds the same state; the main one saves it
+            return self.folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         skeleton = flatten(state, tensors)
-        name = f"checkpoint-{step:09d}.safetensors"
         metadata = {"state": json.dumps(skeleton), "step": str(step)}
         atomic_write(self.folder / name, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         entry = {"step": step, "file": name, "sha256": sha256_file(self.folder / name)}

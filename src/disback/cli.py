@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--path", required=True, help="a degradation path folder (from `disback degrade`)")
         p.add_argument("--out", required=True)
 
+    p = sub.add_parser("text", help="text-to-image: distill a Stable Diffusion 1.5 / SDXL pipeline's UNet on a prompts file, "
+                       "both stages, and export a one-step diffusers pipeline")
+    _common(p)
+    p.set_defaults(preset="sd")
+    p.add_argument("--pretrained", required=True, help="a Stable Diffusion (or SDXL) pipeline folder or hub id")
+    p.add_argument("--prompts", required=True, help="a .txt file with one prompt per line, or .jsonl with a \"prompt\" field")
+    p.add_argument("--no-backtrack", dest="backtrack", action="store_false", help="plain distillation (the baseline)")
+    p.add_argument("--out", required=True, help="run folder: teacher/, path/, disback/ (or baseline/), pipeline/")
+
     p = sub.add_parser("sample", help="draw samples from a teacher (Heun) or a generator (one step)")
     p.add_argument("model", help="a .safetensors file written by disback (teacher, node or generator)")
     p.add_argument("--n", type=int, default=2000)
@@ -96,7 +105,11 @@ def _run(args: argparse.Namespace) -> int:
     from disback.data import load_data
     from disback.runfolder import clear_out
 
-    show = not args.quiet if hasattr(args, "quiet") else True
+    from disback.distributed import is_writer
+
+    # Under several processes (accelerate launch, torchrun) the main one shows progress and prints.
+    show = (not args.quiet if hasattr(args, "quiet") else True) and is_writer()
+    say = print if is_writer() else (lambda *_: None)
     resume = getattr(args, "resume", False)
     if resume and getattr(args, "overwrite", False):
         raise DisbackError("--resume continues a run and --overwrite deletes it: give one of them")
@@ -113,19 +126,20 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _config(args)
         settled()
         run_demo(cfg, Path(args.out), show, resume)
-        print(write_report(Path(args.out)))
-        print(f"\nreport: {Path(args.out) / 'report.md'}")
+        if is_writer():  # the summary it reads is the main process's
+            print(write_report(Path(args.out)))
+            print(f"\nreport: {Path(args.out) / 'report.md'}")
     elif args.command == "teacher":
         cfg = _config(args)
         settled()
         path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show, resume)
-        print(f"teacher: {path}")
+        say(f"teacher: {path}")
     elif args.command == "degrade":
         cfg = _config(args)
         stages.load_teacher(Path(args.teacher))
         settled()
         path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume)
-        print(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
+        say(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
     elif args.command in ("backtrack", "distill"):
         _, meta = stages.load_teacher(Path(args.teacher))
         cfg = _config(args, data_default=meta["data"])
@@ -134,25 +148,33 @@ def _run(args: argparse.Namespace) -> int:
         settled()
         result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show, resume)
         final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
-        print(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
+        say(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
+    elif args.command == "text":
+        from disback.text import run_text
+
+        cfg = _config(args)
+        settled()
+        out = run_text(cfg, args.pretrained, Path(args.prompts), Path(args.out), show, resume, args.backtrack)
+        say(f"one-step pipeline: {out}\n  pipe = DiffusionPipeline.from_pretrained('{out}')\n"
+            f"  image = pipe(prompt, num_inference_steps=1, guidance_scale=0, timesteps=[{cfg.text.timestep}]).images[0]")
     elif args.command == "sample":
         stages.sample_to_file(Path(args.model), args.n, args.steps, args.seed, Path(args.out), args.plot)
-        print(f"samples: {args.out}")
+        say(f"samples: {args.out}")
     elif args.command == "export":
         from disback.export import export
 
         out = export(Path(args.run), Path(args.out))
-        print(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}', custom_pipeline='{out}', trust_remote_code=True))")
+        say(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}', custom_pipeline='{out}', trust_remote_code=True))")
     elif args.command == "report":
         from disback.report import write_report
 
-        print(write_report(Path(args.run)))
+        say(write_report(Path(args.run)))
     elif args.command == "list":
         from disback.config import preset_names
         from disback.data import builtin_names
 
-        print("presets:", ", ".join(preset_names()))
-        print("data:", ", ".join(builtin_names()), "(or an .npy/.csv file of N x D points, or a folder / .npz of images)")
+        say("presets:", ", ".join(preset_names()))
+        say("data:", ", ".join(builtin_names()), "(or an .npy/.csv file of N x D points, or a folder / .npz of images)")
     return 0
 
 

@@ -36,6 +36,7 @@ class NetworkConfig:
     attention: list[bool] = field(default_factory=lambda: [False, True])  # unet: self-attention in each level
     norm_groups: int = 8  # unet
     num_classes: int = 0  # unet: > 0 makes every network class-conditional (UNet2DModel's num_class_embeds)
+    lora_rank: int = 0  # > 0: the fake score and the degrading model are LoRA adapters on the frozen teacher (disback.lora)
 
 
 @dataclass
@@ -115,6 +116,14 @@ class RunConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text-to-image runs (`disback text`): the pipeline's UNet distilled on a prompts file."""
+
+    guidance: float = 8.0  # classifier-free guidance scale of the target score (the original's 8); none on the fake score
+    timestep: int = 399  # the generator is the UNet at this timestep on pure noise, as LCMScheduler samples in one step
+
+
+@dataclass
 class Config:
     seed: int
     data: DataConfig
@@ -125,6 +134,7 @@ class Config:
     distill: DistillConfig
     eval: EvalConfig
     run: RunConfig = field(default_factory=RunConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,6 +326,8 @@ def _check(cfg: Config) -> None:
     net = cfg.network
     if net.kind not in ("mlp", "unet"):
         raise DisbackError(f"'network.kind' must be 'mlp' (points) or 'unet' (images), got '{net.kind}'")
+    if net.lora_rank < 0:
+        raise DisbackError(f"'network.lora_rank' must be 0 (full copies of the teacher) or a positive LoRA rank, got {net.lora_rank}")
     if net.num_classes < 0 or (net.num_classes and net.kind != "unet"):
         raise DisbackError(f"'network.num_classes' must be 0, or positive with network.kind 'unet'; got {net.num_classes} with '{net.kind}'")
     if net.kind == "unet":

@@ -51,10 +51,14 @@ class VPDenoiser(nn.Module):
         lo_v, hi_v = self.log_sigmas[hi - 1], self.log_sigmas[hi]
         return (hi - 1).to(sigma.dtype) + (log_s - lo_v) / (hi_v - lo_v)
 
+    def call_unet(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The UNet's raw output at diffusers' input scaling and (continuous) timestep; subclasses add conditions."""
+        return self.unet(x_t, t, class_labels=labels).sample
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        out = self.unet(x / (s**2 + 1).sqrt(), self.sigma_to_t(sigma), class_labels=labels).sample
+        out = self.call_unet(x / (s**2 + 1).sqrt(), self.sigma_to_t(sigma), labels)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":  # x0 = abar * x - sqrt(1 - abar) * v, abar = 1 / (1 + sigma^2)

@@ -19,7 +19,7 @@ def bottleneck(denoiser: nn.Module) -> tuple[nn.Module, bool]:
         if name.endswith("mid_block"):
             return module, False
     for name, module in modules.items():
-        if name.endswith("backbone.out") and isinstance(module, nn.Linear):
+        if name.endswith("backbone.out") and isinstance(getattr(module, "base_layer", module), nn.Linear):  # LoRA-wrapped too
             return module, True
     raise ValueError(f"no bottleneck found in {type(denoiser).__name__}; the GAN term needs a UNet or the MLP backbone")
 

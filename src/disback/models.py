@@ -33,9 +33,13 @@ def denoiser_metadata(network: NetworkConfig, shape: tuple[int, ...], edm: EDMCo
             "edm": asdict(edm), "normaliser": normaliser, "data": data, "num_classes": network.num_classes}
 
 
-def _rebuild(meta: dict[str, Any]) -> nn.Module:
+def _rebuild(meta: dict[str, Any], folder: Path) -> nn.Module:
     if meta.get("precond", "edm") == "edm":
         return build_denoiser(NetworkConfig(**meta["network"]), tuple(meta["shape"]), meta["sigma_data"])
+    if meta["precond"] == "vp-text":
+        from disback.text import rebuild_text_denoiser
+
+        return rebuild_text_denoiser(meta, folder)
     from diffusers import UNet2DModel
 
     unet = UNet2DModel.from_config(meta["unet_config"])
@@ -47,16 +51,25 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = read_metadata(path)
     if meta.get("kind") not in ("denoiser", "generator"):
         raise DisbackError(f"{path} was not written by disback (no model description in its metadata)")
-    model = _rebuild(meta)
+    model = _rebuild(meta, Path(path).parent)
     if meta["kind"] == "generator":
-        model = OneStepGenerator(model, meta["sigma_g"])
+        model = as_generator(model, meta.get("sigma_g", 0.0))
     load_weights(model, path)
     return model, meta
 
 
-def generator_from_teacher(teacher: nn.Module, sigma_g: float) -> OneStepGenerator:
-    """G_eta0: a copy of the teacher evaluated at sigma_g."""
-    return OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True), sigma_g)
+def generator_from_teacher(teacher: nn.Module, sigma_g: float) -> nn.Module:
+    """G_eta0: a copy of the teacher as a one-step generator."""
+    return as_generator(copy.deepcopy(teacher).requires_grad_(True), sigma_g)
+
+
+def as_generator(denoiser: nn.Module, sigma_g: float) -> nn.Module:
+    """``denoiser`` evaluated at sigma_g; a text-to-image denoiser at its fixed timestep instead, as LCM samples."""
+    from disback.text import LCMGenerator, TextDenoiser
+
+    if isinstance(denoiser, TextDenoiser):
+        return LCMGenerator(denoiser, denoiser.generator_timestep)
+    return OneStepGenerator(denoiser, sigma_g)
 
 
 def import_pretrained(source: str) -> tuple[VPDenoiser, dict[str, Any]]:

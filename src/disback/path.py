@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from disback.errors import DisbackError
-from disback.weights import load_weights, save_weights, write_json
+from disback.weights import load_state, read_weights, save_weights, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -114,14 +116,41 @@ class DegradationPath:
 
     def load_node(self, index: int, model: nn.Module) -> None:
         """Load node ``index`` into ``model``: sha256 checked against the manifest, keys and shapes exact."""
+        load_state(model, self.read_node(index), self.root / self.nodes[index].file)
+
+    def read_node(self, index: int) -> dict[str, torch.Tensor]:
+        """Node ``index``'s weights on the CPU, its sha256 checked against the manifest."""
         node = self.nodes[index]
-        load_weights(model, self.root / node.file, sha256=node.sha256)
+        return read_weights(self.root / node.file, sha256=node.sha256)
 
     def verify(self, model: nn.Module) -> None:
         """Load every node into ``model`` (a scratch copy): a damaged or mismatched node fails before training starts,
         not when the schedule reaches it."""
         for node in self.nodes:
             self.load_node(node.index, model)
+
+
+class NodeReader:
+    """Loads path nodes into the target, reading the next one ahead: while the generator trains against node k, node
+    k-1 is read and its sha256 checked in a background thread, so that a target switch only copies weights in (for
+    a UNet of a billion parameters, reading and hashing take seconds; the copy a fraction of that)."""
+
+    def __init__(self, path: DegradationPath):
+        self.path = path
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disback-node")
+        self.ahead: tuple[int, Future] | None = None
+
+    def prefetch(self, index: int | None) -> None:
+        if index is not None and (self.ahead is None or self.ahead[0] != index):
+            self.ahead = (index, self.pool.submit(self.path.read_node, index))
+
+    def load(self, index: int, model: nn.Module) -> None:
+        """Node ``index`` into ``model``, exactly as DegradationPath.load_node, from the prefetched copy if there is one."""
+        if self.ahead is not None and self.ahead[0] == index:
+            state, self.ahead = self.ahead[1].result(), None  # a bad file raises here, as a direct read would
+        else:
+            state = self.path.read_node(index)
+        load_state(model, state, self.path.root / self.path.nodes[index].file)
 
 
 class TargetSchedule:
@@ -143,6 +172,11 @@ class TargetSchedule:
     def current(self) -> int:
         """Index of the node that is the target now."""
         return self.order[self.position]
+
+    @property
+    def upcoming(self) -> int | None:
+        """The node the target moves to next (None at the teacher)."""
+        return self.order[self.position + 1] if self.position + 1 < len(self.order) else None
 
     @property
     def at_teacher(self) -> bool:

@@ -15,6 +15,7 @@ import yaml
 
 from disback.config import Config
 from disback.errors import DisbackError
+from disback.distributed import is_writer, wait
 from disback.weights import write_json, write_text
 
 INPUTS = "inputs.json"  # sha256 of the files a stage reads: a resumed stage must read the same ones
@@ -43,6 +44,7 @@ def begin_stage(cfg: Config, out: Path, resume: bool, inputs: dict[str, Any] | N
         if inputs is not None and saved_inputs.is_file() and json.loads(saved_inputs.read_text()) != inputs:
             raise DisbackError(f"{out} was started from another teacher or path than the one given now; resume it with the "
                                "same --teacher/--path, pass --overwrite to start it again, or choose another --out")
+    wait()  # every process has checked the folder before the main one writes into it
     write_config(cfg, out)
     if inputs is not None:
         write_json(out / INPUTS, inputs)
@@ -54,7 +56,10 @@ def clear_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / "config.yaml").is_file():
             raise DisbackError(f"{out} holds files that disback did not write; refusing to delete them; choose another --out")
-        shutil.rmtree(out)
+        wait()  # every process has checked before the main one deletes
+        if is_writer():
+            shutil.rmtree(out)
+    wait()
 
 
 def config_differences(saved: dict, current: dict, where: str = "") -> list[str]:

@@ -22,7 +22,10 @@ from accelerate.utils import set_seed
 from disback.checkpoint import Checkpoints
 from disback.config import Config
 from disback.data import Data, to_units
+from disback.distributed import local, state, strided, wait
 from disback.errors import DisbackError
+from disback.lora import Adapted, fake_and_target, scratch
+from disback.text import guide
 from disback.metrics import build_metrics
 from disback.models import build_denoiser, denoiser_metadata, generator_from_teacher, import_pretrained, load_model
 from disback.path import MANIFEST, DegradationPath, make_schedule
@@ -42,7 +45,8 @@ def accelerator(precision: str = "fp32") -> Accelerator:
     global _ACCELERATOR
     mixed = {"fp32": "no", "bf16": "bf16"}[precision]
     if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator(mixed_precision=mixed)
+        state()  # the process group first, so that a CPU-only machine runs several processes over gloo
+        _ACCELERATOR = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     elif _ACCELERATOR.mixed_precision != mixed:
         raise DisbackError(f"this process already runs with precision {_ACCELERATOR.mixed_precision}; run.precision={precision} "
                            "needs a process of its own (one command per precision)")
@@ -79,7 +83,8 @@ def in_batches(fn, z: torch.Tensor, labels: torch.Tensor | None = None, batch: i
 def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: Data, num_classes: int = 0) -> np.ndarray:
     sigmas = karras_schedule(cfg.teacher.heun_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho)
     z, labels = eval_noise(cfg, data.shape, num_classes, next(teacher.parameters()).device)
-    return data.from_model(in_batches(lambda zz, yy: heun_sample(teacher.eval(), zz, sigmas, yy), z, labels))
+    sample = lambda zz, yy: in_batches(lambda z1, y1: heun_sample(teacher.eval(), z1, sigmas, y1), zz, yy)
+    return data.from_model(strided(sample, z, labels))  # shared among processes, if several
 
 
 def class_labels(data: Data, num_classes: int) -> torch.Tensor | None:
@@ -105,7 +110,8 @@ class DataSource:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def __call__(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = torch.randint(len(self.points), (n,), generator=self.generator)
+        """This process's share of a minibatch of n (all of it in one process)."""
+        idx = local(torch.randint(len(self.points), (n,), generator=self.generator))
         return self.points[idx], None if self.labels is None else self.labels[idx]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -152,6 +158,7 @@ def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True
     save_array(out / "samples.npy", teacher_samples(teacher, cfg, data, cfg.network.num_classes))
     meta = denoiser_metadata(cfg.network, data.shape, cfg.edm, data.normaliser(), data.name)
     save_weights(teacher, done, meta)  # last: its presence marks the stage as finished
+    wait()
     return done
 
 
@@ -171,6 +178,7 @@ def import_teacher(cfg: Config, data: Data, source: str, out: Path) -> Path:
     save_array(out / "samples.npy", teacher_samples(teacher, cfg, data, meta["num_classes"]))
     path = out / "teacher.safetensors"
     save_weights(teacher, path, meta)
+    wait()
     return path
 
 
@@ -213,15 +221,20 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     generator0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False)
     shape, classes = tuple(meta["shape"]), meta.get("num_classes", 0)
 
-    def source(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def source(n: int, share: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Samples of the initial generator: this process's share of n (all n for the probe, which every process
+        evaluates alike)."""
         labels = torch.randint(classes, (n,), device=acc.device) if classes else None
+        z = torch.randn(n, *shape, device=acc.device)
+        z, labels = (local(z), local(labels)) if share else (z, labels)
         with torch.no_grad():
-            return generator0(torch.randn(n, *shape, device=acc.device), labels), labels
+            return generator0(z, labels), labels
 
     config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
     path = DegradationPath.create(out, config, replace=resume)
-    probe = DistanceProbe(teacher, *source(cfg.degrade.batch), cfg.edm, seed=cfg.seed)
-    degrading = copy.deepcopy(teacher).requires_grad_(True)  # psi starts at theta
+    probe = DistanceProbe(teacher, *source(cfg.degrade.batch, share=False), cfg.edm, seed=cfg.seed)
+    # psi starts at theta: a copy of the teacher, or zero LoRA adapters on it (network.lora_rank)
+    degrading = Adapted(teacher, cfg.network.lora_rank) if cfg.network.lora_rank else copy.deepcopy(teacher).requires_grad_(True)
     speed_up(cfg, degrading)
     path.add_node(degrading, 0, meta, 0.0)
     task = ScoreFitting(degrading, source, batch=cfg.degrade.batch, lr=cfg.degrade.lr, edm=cfg.edm, accelerator=acc, stage="degrade")
@@ -235,6 +248,7 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
                evaluate=lambda: {"distance": probe(degrading)}, show_progress=show_progress, **loop_options(cfg, out, resume))
     recorder.finish()
     path.mark_complete()
+    wait()  # the nodes are on disk before any process reads them
     return path
 
 
@@ -250,6 +264,14 @@ def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
 
 
 # ---------------------------------------------------------------- stage 2 and the baseline
+
+
+def check_lora_matches(cfg: Config, path: DegradationPath) -> None:
+    """A path of LoRA nodes needs a LoRA fake score and target of the same rank, and a path of full nodes full ones."""
+    recorded = path.config.get("network", {}).get("lora_rank", 0) if len(path) > 1 else cfg.network.lora_rank
+    if recorded != cfg.network.lora_rank:
+        raise DisbackError(f"the path {path.root} was recorded with network.lora_rank={recorded}, and this run has "
+                           f"{cfg.network.lora_rank}; use --set network.lora_rank={recorded}, or record the path again")
 
 
 def dwell_bounds(cfg: Config, num_nodes: int) -> tuple[int, int]:
@@ -277,9 +299,12 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
     measure = metrics_for(cfg, data)  # before the seed: a feature network trained now must not shift the run's RNG
     set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
     acc = accelerator(cfg.run.precision)
-    path.verify(copy.deepcopy(teacher))  # every node's sha256, keys and shapes, before any training
+    check_lora_matches(cfg, path)
     generator = generator_from_teacher(teacher, cfg.distill.sigma_g)
-    fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    # every node's sha256, keys and shapes, before any training (the baseline's one node is the teacher's full file)
+    path.verify(scratch(teacher, cfg.network.lora_rank if len(path) > 1 else 0))
+    fake, target = fake_and_target(teacher, cfg.network.lora_rank, len(path))
+    guide(target, cfg.text.guidance)  # text-to-image: classifier-free guidance on the target only (no-op otherwise)
     speed_up(cfg, generator, fake, target)
     d = cfg.distill
     low, high = dwell_bounds(cfg, len(path))
@@ -290,16 +315,17 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
                         accelerator=acc, stage=stage, num_classes=classes, real=real)
     z, labels = eval_noise(cfg, data.shape, meta.get("num_classes", 0), acc.device)
 
-    def evaluate() -> dict[str, float]:
-        return measure(data.from_model(in_batches(generator, z, labels)))
+    def samples() -> np.ndarray:  # shared among processes, if several; every class alike in each
+        return data.from_model(strided(lambda zz, yy: in_batches(generator, zz, yy), z, labels))
 
-    records = train_loop(task, cfg.distill.steps, evaluate=evaluate, eval_every=cfg.eval.every,
+    records = train_loop(task, cfg.distill.steps, evaluate=lambda: measure(samples()), eval_every=cfg.eval.every,
                          log=MetricsLog(out / "metrics.jsonl"), show_progress=show_progress, **loop_options(cfg, out, resume))
-    save_array(out / "samples.npy", data.from_model(in_batches(generator, z, labels)))
+    save_array(out / "samples.npy", samples())
     save_weights(generator, out / "generator.safetensors", {**meta, "kind": "generator", "sigma_g": cfg.distill.sigma_g})
     save_weights(fake, out / "fake.safetensors", meta)
     result = {"switches": task.switches, "nodes": len(path)}
     write_json(out / RESULT, result)  # last: its presence marks the run as finished
+    wait()
     return {**result, "records": records}
 
 

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from disback.config import DistillConfig, EDMConfig
+from disback.distributed import everyone, local, mean_across
 from disback.gan import head_for
 from disback.losses import (
     dmd_generator_loss,
@@ -29,7 +30,7 @@ from disback.losses import (
     sid_generator_loss,
     vsd_generator_loss,
 )
-from disback.path import DegradationPath, TargetSchedule
+from disback.path import DegradationPath, NodeReader, TargetSchedule
 
 Source = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]  # n -> (x0, class labels or None)
 
@@ -74,16 +75,15 @@ class ScoreFitting:
         _load_state_of(self.source, state["source"])
 
     def train_step(self) -> dict[str, float]:
-        x0, labels = self.source(self.batch)
-        sigma = lognormal_sigma(len(x0), self.edm.p_mean, self.edm.p_std, device=x0.device)
+        x0, labels = self.source(self.batch)  # this process's share of the batch (disback.distributed)
+        sigma = local(lognormal_sigma(self.batch, self.edm.p_mean, self.edm.p_std, device=x0.device))
+        noise = local(torch.randn(self.batch, *x0.shape[1:], device=x0.device))
         with self.accelerator.autocast():
-            loss = dsm_loss(self.model, x0, sigma, torch.randn_like(x0), self.edm.sigma_data, labels)
-        if not update(self.accelerator, self.optimiser, loss):
-            return {"loss": loss.item()}
-        if self.ema is not None:
+            loss = dsm_loss(self.model, x0, sigma, noise, self.edm.sigma_data, labels)
+        if update(self.accelerator, self.optimiser, loss) and self.ema is not None:
             with torch.no_grad():  # one fused update for all tensors: many small kernels dominate on a GPU
                 torch._foreach_lerp_(list(self.ema.parameters()), list(self.denoiser.parameters()), 1.0 - self.ema_decay)
-        return {"loss": loss.item()}
+        return mean_across({"loss": loss.item()})
 
 
 def adam(params, lr: float, accelerator: Accelerator) -> torch.optim.Optimizer:
@@ -92,9 +92,10 @@ def adam(params, lr: float, accelerator: Accelerator) -> torch.optim.Optimizer:
 
 
 def update(accelerator: Accelerator, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
-    """Backward and step, unless the loss is not finite: then nothing changes (the loop decides to stop or go on)."""
+    """Backward and step, unless the loss is not finite in any process: then nothing changes (the loop decides to stop
+    or go on)."""
     optimiser.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if not everyone(bool(torch.isfinite(loss))):
         return False
     accelerator.backward(loss)
     optimiser.step()
@@ -158,22 +159,28 @@ class Distillation:
         self.num_classes, self.method, self.real = num_classes, METHODS[cfg.method], real
         if self.method.gan and real is None:
             raise ValueError(f"method '{cfg.method}' needs real data for its GAN term")
-        self.path, self.schedule = path, schedule
-        path.load_node(path.last, fake)
-        path.load_node(schedule.current, target)
+        self.path, self.schedule, self.nodes = path, schedule, NodeReader(path)
+        if len(path) > 1:  # a one-node path is the teacher, which fake and target already are (copies or views of it)
+            self.nodes.load(path.last, fake)
+            self.nodes.load(schedule.current, target)
+            self.nodes.prefetch(schedule.upcoming)
         device = accelerator.device
         # The frozen target only runs forward: under bf16 it is held in bf16 (half the memory, no casts).
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
         self.target = target.requires_grad_(False).eval().to(device, dtype=dtype)
         self.generator_module, self.fake_module = generator, fake.to(device)
-        fake_params = list(fake.parameters())
-        self.head = self.tap = None
+        fake_params = [p for p in fake.parameters() if p.requires_grad]  # LoRA: the adapters, not the shared teacher
+        self.head = self.tap = self.head_trained = None
         if self.method.gan:
             self.head, self.tap = head_for(fake, torch.zeros(2, *shape, device=device), 1.0,
                                            torch.zeros(2, dtype=torch.long, device=device) if num_classes else None)
             fake_params += list(self.head.parameters())
+            self.head_trained = accelerator.prepare(self.head)  # its gradients are averaged across processes too
         opt_g = adam(generator.parameters(), cfg.lr_generator, accelerator)
         opt_f = adam(fake_params, cfg.lr_fake, accelerator)
+        # self.generator and self.fake are the prepared (under several processes, DDP-wrapped) networks: used where they
+        # are trained. The generator step runs the frozen fake score and head unwrapped, since DDP expects gradients
+        # for every parameter of a wrapped network that runs with gradients enabled.
         self.generator, self.fake, self.opt_g, self.opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
         self.switches: list[int] = []  # generator steps at which the target moved
         self.steps_done = 0
@@ -200,24 +207,30 @@ class Distillation:
         self.schedule.load_state_dict(state["schedule"])
         self.switches, self.steps_done = list(state["switches"]), state["steps_done"]
         _load_state_of(self.real, state["real"])
-        self.path.load_node(self.schedule.current, self.target)  # the target the schedule had reached
+        if len(self.path) > 1:
+            self.nodes.load(self.schedule.current, self.target)  # the target the schedule had reached
+            self.nodes.prefetch(self.schedule.upcoming)
 
     def noise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latent noise, and uniformly drawn class labels when the networks are class-conditional."""
+        """Latent noise, and uniformly drawn class labels when the networks are class-conditional (this process's share)."""
         device = self.accelerator.device
         z = torch.randn(self.cfg.batch, *self.shape, device=device)
-        return z, torch.randint(self.num_classes, (self.cfg.batch,), device=device) if self.num_classes else None
+        labels = torch.randint(self.num_classes, (self.cfg.batch,), device=device) if self.num_classes else None
+        return local(z), local(labels)
 
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 + sigma n with sigma spread over the generator loss's Karras range."""
-        sigma = karras_sigma(len(x0), self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device)
-        return x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * torch.randn_like(x0), sigma
+        n = self.cfg.batch  # x0 is this process's share of a batch of n
+        sigma = local(karras_sigma(n, self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device))
+        noise = local(torch.randn(n, *x0.shape[1:], device=x0.device))
+        return x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * noise, sigma
 
-    def logits(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The GAN head's logits for noised x0, from the fake score's bottleneck features."""
+    def logits(self, x0: torch.Tensor, labels: torch.Tensor | None, trained: bool) -> torch.Tensor:
+        """The GAN head's logits for noised x0, from the fake score's bottleneck features (through the prepared
+        networks when ``trained``, the plain ones when frozen)."""
         x_sigma, sigma = self.noised(x0)
-        self.fake(x_sigma, sigma, labels)
-        return self.head(self.tap.take())
+        (self.fake if trained else self.fake_module)(x_sigma, sigma, labels)
+        return (self.head_trained if trained else self.head)(self.tap.take())
 
     def fake_step(self) -> dict[str, float]:
         """Fit the fake score to the generator's current samples (L_dsm on stopgrad(G(z))); for dmd2 also train the
@@ -226,12 +239,14 @@ class Distillation:
         with self.accelerator.autocast():  # bf16 when run.precision is bf16; a no-op otherwise
             with torch.no_grad():
                 x0 = self.generator(z, labels)
-            sigma = lognormal_sigma(len(x0), self.edm.p_mean, self.edm.p_std, device=x0.device)
-            loss = dsm_loss(self.fake, x0, sigma, torch.randn_like(x0), self.edm.sigma_data, labels)
+            n = self.cfg.batch
+            sigma = local(lognormal_sigma(n, self.edm.p_mean, self.edm.p_std, device=x0.device))
+            noise = local(torch.randn(n, *x0.shape[1:], device=x0.device))
+            loss = dsm_loss(self.fake, x0, sigma, noise, self.edm.sigma_data, labels)
             out = {"fake": loss.item()}
             if self.head is not None:
-                real, real_labels = self.real(len(x0))
-                gan = gan_discriminator_loss(self.logits(real, real_labels), self.logits(x0, labels))
+                real, real_labels = self.real(n)
+                gan = gan_discriminator_loss(self.logits(real, real_labels, True), self.logits(x0, labels, True))
                 loss = loss + self.cfg.gan_head_weight * gan
                 out["head"] = gan.item()
         update(self.accelerator, self.opt_f, loss)
@@ -247,12 +262,12 @@ class Distillation:
                 x0 = self.generator(z, labels)
                 x_sigma, sigma = self.noised(x0 if through else x0.detach())
                 with torch.set_grad_enabled(through):
-                    d_fake = self.fake(x_sigma, sigma, labels)
+                    d_fake = self.fake_module(x_sigma, sigma, labels)
                     d_target = self.target(x_sigma, sigma, labels)
                 loss = self.method.loss(x0, d_fake, d_target, alpha=self.cfg.sid_alpha)
                 out = {"generator": loss.item()}
                 if self.head is not None:
-                    gan = gan_generator_loss(self.logits(x0, labels))
+                    gan = gan_generator_loss(self.logits(x0, labels, False))
                     loss = loss + self.cfg.gan_weight * gan
                     out["generator_gan"] = gan.item()
             update(self.accelerator, self.opt_g, loss)
@@ -264,17 +279,18 @@ class Distillation:
         return out
 
     def _freeze_fake(self, frozen: bool) -> None:
-        for module in (self.fake_module, self.head):
-            if module is not None:
-                module.requires_grad_(not frozen)
+        for p in self.opt_f.param_groups[0]["params"]:  # the fake score's trained parameters (and the head's)
+            p.requires_grad_(not frozen)
 
     def train_step(self) -> dict[str, float]:
         fake = [self.fake_step() for _ in range(self.cfg.fake_updates)]
         out = self.generator_step()
-        self.steps_done += 1
-        if self.schedule.step(out["gap"]):
-            self.path.load_node(self.schedule.current, self.target)
-            self.switches.append(self.steps_done)
         for key in fake[0] if fake else ():
             out[key] = sum(f[key] for f in fake) / len(fake)
+        out = mean_across(out)  # the gap steers the schedule: every process must see the same value
+        self.steps_done += 1
+        if self.schedule.step(out["gap"]):
+            self.nodes.load(self.schedule.current, self.target)
+            self.nodes.prefetch(self.schedule.upcoming)
+            self.switches.append(self.steps_done)
         return out

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from disback.checkpoint import Checkpoints, rng_state, set_rng_state
+from disback.distributed import anyone, is_writer
 from disback.errors import DisbackError
 from disback.weights import write_text
 
@@ -48,7 +49,6 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rewrite([])
 
     def rewrite(self, records: list[dict]) -> None:
@@ -58,6 +58,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if not is_writer():  # under several processes, the main one keeps the log
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -150,7 +152,7 @@ def train_loop(
             if any(stop):
                 state["stopped"] = True
                 break
-            if term:
+            if anyone(bool(term)):  # every process stops after the same step
                 save(step)
                 raise DisbackError(f"{task.stage}: stopped by SIGTERM after step {step}; checkpoint saved, continue with --resume")
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:

@@ -15,14 +15,18 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
+from disback.distributed import is_writer
 from disback.errors import DisbackError
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: readers never see half a file."""
+    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: readers never see half a file. Under
+    several processes only the main one writes (disback.distributed)."""
+    if not is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -59,9 +63,9 @@ def save_array(path: Path, array) -> None:
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> str:
     """Save a module's state dict as safetensors; metadata (JSON) goes in the file's header. Returns its sha256."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    meta = {"disback": json.dumps(metadata or {})}
-    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
-    return sha256_file(path)
+    data = save(state, metadata={"disback": json.dumps(metadata or {})})
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+    return hashlib.sha256(data).hexdigest()  # from the bytes: every process knows it, though only one writes the file
 
 
 def sha256_file(path: Path) -> str:
@@ -87,15 +91,25 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def load_weights(module: nn.Module, path: Path, sha256: str | None = None) -> None:
     """Load ``path`` into ``module`` exactly: the sha256 (when given), every key and every shape must match."""
+    load_state(module, read_weights(path, sha256), path)
+
+
+def read_weights(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU), after checking its sha256 when one is given."""
     path = Path(path)
     if not path.is_file():
         raise DisbackError(f"weights file {path} does not exist")
-    if sha256 is not None and (actual := sha256_file(path)) != sha256:
+    data = path.read_bytes()  # read once: hashed and parsed from memory
+    if sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != sha256:
         raise DisbackError(f"{path} is corrupted or was replaced: sha256 {actual[:12]}... != recorded {sha256[:12]}...")
     try:
-        state = load_file(str(path))
+        return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise DisbackError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy ``state`` (read from ``path``) into ``module``: every key and every shape must match."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -12,6 +12,8 @@ def build_metrics(data, projections: int, features: str = "classifier", classifi
     """The measures for this data: PointMetrics for points, ImageMetrics for images."""
     if data.kind == "points":
         return PointMetrics(data.reference, projections, data.modes, data.mode_std)
+    if data.kind == "latents":  # text-to-image: no offline measure of prompt-conditioned images; losses are logged
+        return lambda samples: {}
     from disback.metrics.images import ImageMetrics, classifier_features, plugged_features
 
     if features == "classifier":

@@ -1,0 +1,65 @@
+"""The fake score and the degrading model as LoRA adapters on the frozen teacher, instead of full copies
+(network.lora_rank > 0; SwiftBrush's memory saver).
+
+An ``Adapted`` network is new modules around the teacher's own weight tensors (shared, never copied) with peft's LoRA
+adapters on every linear and convolution layer. Adapters start at zero, so a fresh one is the teacher exactly. Only
+the adapters belong to it: its ``state_dict`` holds them alone, so degradation-path nodes, checkpoints and the saved
+fake score are the adapters' few megabytes rather than a copy of the teacher. The fake score, the target and the
+degrading model all share one copy of the teacher; the generator stays a full network (it is what is distilled).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+class Adapted(nn.Module):
+    """``base`` with rank-``rank`` LoRA adapters; ``base`` is frozen and shared."""
+
+    def __init__(self, base: nn.Module, rank: int):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model  # peft imports transformers (seconds): only when asked for
+
+        base.requires_grad_(False)
+        shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+        net = copy.deepcopy(base, shared)  # new modules around the same tensors
+        targets = [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), net)
+        self.net, self.rank = net, rank
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.net(*args, **kwargs)
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The adapters' tensors alone (the base is the teacher, which has a file of its own)."""
+        out = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in out if k.startswith(prefix) and ".lora_" not in k]:
+            del out[key]
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Adapters in; with ``strict``, exactly this network's adapter keys (the base keys are not in ``state``, which
+        is why torch's own check is told not to look for them)."""
+        expected = set(self.state_dict())
+        if strict and set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise RuntimeError(f"adapter keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return super().load_state_dict(state, strict=False, assign=assign)
+
+
+def fake_and_target(teacher: nn.Module, rank: int, num_nodes: int) -> tuple[nn.Module, nn.Module]:
+    """The fake score and the target for distillation over a path of ``num_nodes`` nodes: full copies of the teacher,
+    or with ``rank`` > 0 adapters on it (the baseline's target is then the teacher itself: it never changes)."""
+    if not rank:
+        return copy.deepcopy(teacher), copy.deepcopy(teacher)
+    return Adapted(teacher, rank), (Adapted(teacher, rank) if num_nodes > 1 else teacher.requires_grad_(False))
+
+
+def scratch(teacher: nn.Module, rank: int) -> nn.Module:
+    """A network that path nodes load into (to verify them): a copy of the teacher, or an adapter on it."""
+    return Adapted(teacher, rank) if rank else copy.deepcopy(teacher)

@@ -1,0 +1,65 @@
+"""network.lora_rank: the fake score and the degrading model as LoRA adapters on the frozen, shared teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from disback import stages
+from disback.data import load_data
+from disback.errors import DisbackError
+from disback.lora import Adapted
+from disback.models import load_model
+from disback.path import DegradationPath
+from disback.weights import load_weights, save_weights
+
+from conftest import tiny_config
+
+
+def test_an_adapter_shares_the_teachers_tensors_starts_as_the_teacher_and_owns_only_its_adapters(tiny_teacher, tmp_path):
+    teacher, _ = load_model(tiny_teacher[0])
+    adapted = Adapted(teacher, rank=4)
+    base = {id(p) for p in teacher.parameters()}
+    own = [n for n, p in adapted.named_parameters() if id(p) not in base]
+    assert own and all(".lora_" in n for n in own)  # nothing of the teacher is copied
+    assert all(not p.requires_grad for p in teacher.parameters())
+    x, sigma = torch.randn(16, 2), torch.rand(16) * 3
+    assert torch.equal(adapted(x, sigma), teacher(x, sigma))  # zero adapters: the teacher exactly
+    assert set(adapted.state_dict()) == {n for n in own}
+
+    save_weights(adapted, tmp_path / "adapters.safetensors")
+    assert set(load_file(str(tmp_path / "adapters.safetensors"))) == set(own)
+    with pytest.raises(DisbackError, match="missing keys.*unexpected keys"):  # a full teacher file is not an adapter
+        load_weights(adapted, tiny_teacher[0])
+    wider = Adapted(load_model(tiny_teacher[0])[0], rank=8)
+    with pytest.raises(DisbackError, match="shape mismatch"):
+        load_weights(wider, tmp_path / "adapters.safetensors")
+
+
+def test_lora_path_and_distillation_train_adapters_only_and_load_every_node_exactly(tiny_teacher, tmp_path):
+    teacher_file, base_cfg = tiny_teacher
+    cfg = tiny_config(network={"hidden": 64, "lora_rank": 4}, degrade={"lr": 5e-3})
+    before = load_file(str(teacher_file))
+    path = stages.record_path(cfg, teacher_file, tmp_path / "path", show_progress=False)
+    sizes = [(path.root / n.file).stat().st_size for n in path.nodes]
+    assert len(path) == cfg.degrade.nodes + 1 and max(sizes) < teacher_file.stat().st_size / 2
+    nodes = [load_file(str(path.root / n.file)) for n in path.nodes]
+    assert all(k.endswith(".weight") and ".lora_" in k for k in nodes[0])
+    assert all(float(v.abs().max()) == 0 for k, v in nodes[0].items() if "lora_B" in k)  # node 0 is the teacher
+    assert any(float(v.abs().max()) > 0 for k, v in nodes[-1].items() if "lora_B" in k)  # the adapters did train
+
+    data = load_data(cfg.data, cfg.seed)
+    result = stages.distill(cfg, data, teacher_file, DegradationPath.load(path.root), tmp_path / "run", show_progress=False)
+    assert result["switches"] and (tmp_path / "run" / "generator.safetensors").is_file()
+    fake = load_file(str(tmp_path / "run" / "fake.safetensors"))
+    assert set(fake) == set(nodes[-1]) and any(not torch.equal(fake[k], nodes[-1][k]) for k in fake)
+    after = load_file(str(teacher_file))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the shared teacher never moved
+
+    baseline = stages.distill(cfg, data, teacher_file, None, tmp_path / "baseline", show_progress=False)
+    assert baseline["nodes"] == 1 and set(load_file(str(tmp_path / "baseline" / "fake.safetensors"))) == set(fake)
+
+    full = tiny_config(network={"hidden": 64})
+    with pytest.raises(DisbackError, match="lora_rank=4"):
+        stages.distill(full, data, teacher_file, DegradationPath.load(path.root), tmp_path / "mismatch", show_progress=False)

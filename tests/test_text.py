@@ -1,0 +1,124 @@
+"""Text-to-image on tiny Stable Diffusion pipelines built from configs, saved, and loaded through the real code path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from disback.errors import DisbackError
+from disback.text import read_prompts
+
+PROMPTS = ["a red square", "a blue circle", "green stripes"]
+TINY_TEXT = ["--set", "degrade.steps=6", "--set", "degrade.nodes=2", "--set", "degrade.batch=4", "--set", "degrade.spacing=steps",
+             "--set", "degrade.plateau=0", "--set", "distill.steps=6", "--set", "distill.batch=4", "--set", "distill.fake_updates=1",
+             "--set", "distill.schedule=fixed", "--set", "distill.switch_every=2", "--set", "eval.every=3", "--set", "data.n_eval=10",
+             "--set", "run.precision=fp32", "--set", "run.gradient_checkpointing=false", "--set", "text.guidance=3", "--quiet"]
+
+
+def tokenizer_files(folder: Path) -> None:
+    """A CLIP tokenizer's files with a vocabulary of single characters (no merges): small, and a real CLIPTokenizer."""
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_pipeline(root: Path, xl: bool) -> Path:
+    """A tiny StableDiffusionPipeline (or StableDiffusionXLPipeline) saved with save_pretrained."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer_files(root / "tok")
+    tokenizer = CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"), model_max_length=77)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)
+    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4,
+                 cross_attention_dim=32) if xl else dict(cross_attention_dim=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                attention_head_dim=4, norm_num_groups=8, **extra)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if xl:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
+                                         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=tokenizer,
+                                         unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+# In a fresh process: plain diffusers code, sampled as the original DisBack README does; then the same latents and
+# prompt through disback's own generator, which the one-step pipeline must reproduce.
+SAMPLE = """
+import sys, torch
+from diffusers import DiffusionPipeline, LCMScheduler
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+assert isinstance(pipe.scheduler, LCMScheduler), type(pipe.scheduler)
+image = pipe("a red square", num_inference_steps=1, guidance_scale=0, timesteps=[399], output_type="np").images[0]
+assert image.shape[-1] == 3 and image.min() >= 0 and image.max() <= 1, image.shape
+z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+latents = pipe("a red square", num_inference_steps=1, guidance_scale=0, timesteps=[399], latents=z, output_type="latent").images
+from disback.models import load_model
+generator, meta = load_model(sys.argv[2])
+with torch.no_grad():
+    ours = generator(z, torch.tensor([0]))  # prompt 0 of the prompts file is "a red square"
+print("max difference", float((latents - ours).abs().max()))
+assert torch.allclose(latents, ours, atol=1e-4), float((latents - ours).abs().max())
+print("ok", type(pipe).__name__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("xl", [False, True], ids=["sd15", "sdxl"])
+def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffusers(tmp_path, xl):
+    pipeline = build_pipeline(tmp_path, xl)
+    prompts = tmp_path / ("prompts.jsonl" if xl else "prompts.txt")
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) if xl else "\n".join(PROMPTS) + "\n\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "disback", "text", "--pretrained", str(pipeline), "--prompts", str(prompts),
+                           "--out", str(out), *TINY_TEXT], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timesteps=[399]" in proc.stdout
+
+    manifest = json.loads((out / "path" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["nodes"]) == 3
+    records = [json.loads(line) for line in (out / "disback" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["target_node"]) for r in records] == [(0, 1), (3, 0), (6, 0)]  # the teacher from step 2
+    assert json.loads((out / "disback" / "result.json").read_text())["switches"] == [2]
+    table = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "teacher" / "prompts.safetensors"))
+    assert table["embeds"].shape[0] == len(PROMPTS) + 1  # the prompts and the unconditional row
+    assert ("pooled" in table) == xl
+
+    sample = subprocess.run([sys.executable, "-c", SAMPLE, str(out / "pipeline"), str(out / "disback" / "generator.safetensors")],
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert ("StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline") in sample.stdout
+
+
+def test_prompts_files_are_read_or_refused_clearly(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\n two \n")
+    assert read_prompts(tmp_path / "a.txt") == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n{"text": "y"}\n')
+    assert read_prompts(tmp_path / "b.jsonl") == ["x", "y"]
+    (tmp_path / "c.jsonl").write_text('{"prompt": "x"}\nnot json\n')
+    with pytest.raises(DisbackError, match="line 2"):
+        read_prompts(tmp_path / "c.jsonl")
+    (tmp_path / "d.txt").write_text("\n\n")
+    with pytest.raises(DisbackError, match="no prompts"):
+        read_prompts(tmp_path / "d.txt")
+    with pytest.raises(DisbackError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
