@@ -65,7 +65,9 @@ def _unkey(k: Any) -> Any:
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: under several processes each draws the same stream on its own GPU, and the main
+        # process's checkpoint restores that stream on every process's device
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -76,7 +78,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _numpy_state() -> list:
@@ -133,7 +135,7 @@ class Checkpoints:
                 continue
             if i < len(entries) - 1:  # forget the damaged newer ones, so that pruning never deletes this good one
                 write_json(self.folder / INDEX, {"checkpoints": entries[: i + 1]})
-                for bad in entries[i + 1:]:
+                for bad in entries[i + 1:] if is_writer() else ():
                     (self.folder / bad["file"]).unlink(missing_ok=True)
             return entries[i]["step"], state
         if entries:

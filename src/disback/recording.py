@@ -22,6 +22,7 @@ from torch import nn
 
 from disback.config import EDMConfig
 from disback.errors import DisbackError
+from disback.distributed import mean_across
 from disback.losses import weighted_mse
 from disback.path import DegradationPath
 from disback.sampling import karras_schedule
@@ -51,7 +52,9 @@ class DistanceProbe:
         return out
 
     def __call__(self, model: nn.Module) -> float:
-        return weighted_mse(self._outputs(model), self.reference, self.sigma, self.sigma_data).item()
+        """The distance; under several processes their mean, so that every process places nodes and stops alike."""
+        value = weighted_mse(self._outputs(model), self.reference, self.sigma, self.sigma_data).item()
+        return mean_across({"distance": value})["distance"]
 
 
 def probe_steps(steps: int, probes: int) -> list[int]:

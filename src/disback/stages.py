@@ -249,7 +249,7 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     recorder.finish()
     path.mark_complete()
     wait()  # the nodes are on disk before any process reads them
-    return path
+    return DegradationPath.load(out)  # every process holds the path as the main one wrote it
 
 
 def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
@@ -303,6 +303,8 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
     generator = generator_from_teacher(teacher, cfg.distill.sigma_g)
     # every node's sha256, keys and shapes, before any training (the baseline's one node is the teacher's full file)
     path.verify(scratch(teacher, cfg.network.lora_rank if len(path) > 1 else 0))
+    # With LoRA the target's base is the teacher shared with the fake score: under bf16 it is cast once, on purpose
+    # (a frozen base in bf16, the adapters trained in fp32), in Distillation.
     fake, target = fake_and_target(teacher, cfg.network.lora_rank, len(path))
     guide(target, cfg.text.guidance)  # text-to-image: classifier-free guidance on the target only (no-op otherwise)
     speed_up(cfg, generator, fake, target)

@@ -50,7 +50,7 @@ class ScoreFitting:
     ):
         self.stage = stage
         self.source, self.batch, self.edm, self.accelerator = source, batch, edm, accelerator
-        optimiser = adam(denoiser.parameters(), lr, accelerator)
+        optimiser = adam([p for p in denoiser.parameters() if p.requires_grad], lr, accelerator)  # LoRA: adapters only
         self.model, self.optimiser = accelerator.prepare(denoiser, optimiser)
         self.denoiser = accelerator.unwrap_model(self.model)
         # The EMA is copied after prepare() so that it lives on the same device as the model.
@@ -165,7 +165,8 @@ class Distillation:
             self.nodes.load(schedule.current, target)
             self.nodes.prefetch(schedule.upcoming)
         device = accelerator.device
-        # The frozen target only runs forward: under bf16 it is held in bf16 (half the memory, no casts).
+        # The frozen target only runs forward: under bf16 it is held in bf16 (half the memory, no casts). With LoRA its
+        # base is the teacher that the fake score shares, which so becomes bf16 too: frozen, it only runs forward.
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
         self.target = target.requires_grad_(False).eval().to(device, dtype=dtype)
         self.generator_module, self.fake_module = generator, fake.to(device)

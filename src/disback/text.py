@@ -71,8 +71,9 @@ class Prompts:
         return self
 
     def conditions(self, index: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
-        """The UNet's keyword arguments for prompts ``index``."""
-        index = index.to(self.embeds.device)
+        """The UNet's keyword arguments for prompts ``index``; the table moves to their device once (it is shared)."""
+        if self.embeds.device != index.device:
+            self.to(index.device)
         out: dict[str, Any] = {"encoder_hidden_states": self.embeds[index].to(dtype)}
         if self.pooled is not None:  # SDXL's added conditions
             out["added_cond_kwargs"] = {"text_embeds": self.pooled[index].to(dtype),
@@ -88,7 +89,7 @@ class Prompts:
 
 
 @torch.no_grad()
-def encode_prompts(pipeline: str, prompts: list[str], resolution: int) -> dict[str, torch.Tensor]:
+def encode_prompts(pipeline: str, prompts: list[str], resolution: int, xl: bool) -> dict[str, torch.Tensor]:
     """The table's tensors, from the pipeline's tokenizer(s) and text encoder(s) as its own encode_prompt computes them
     (SD1.5: the encoder's last hidden state; SDXL: both encoders' penultimate states side by side, and the second's
     pooled output)."""
@@ -97,7 +98,7 @@ def encode_prompts(pipeline: str, prompts: list[str], resolution: int) -> dict[s
     tokenizer = _load(CLIPTokenizer, pipeline, "tokenizer")
     encoder = _load(CLIPTextModel, pipeline, "text_encoder")
     texts = prompts + [""]
-    if not (Path(pipeline) / "text_encoder_2").exists() and not _has_subfolder(pipeline, "text_encoder_2"):
+    if not xl:
         return {"embeds": _encode(tokenizer, encoder, texts)[0]}
     tokenizer_2 = _load(CLIPTokenizer, pipeline, "tokenizer_2")
     encoder_2 = _load(CLIPTextModelWithProjection, pipeline, "text_encoder_2")
@@ -115,11 +116,6 @@ def _encode(tokenizer, encoder, texts: list[str], penultimate: bool = False) -> 
     out = encoder(ids, output_hidden_states=penultimate)
     hidden = out.hidden_states[-2] if penultimate else out[0]
     return hidden.float(), (out.text_embeds.float() if hasattr(out, "text_embeds") else None)
-
-
-def _has_subfolder(pipeline: str, name: str) -> bool:
-    index = Path(pipeline) / "model_index.json"
-    return index.is_file() and name in json.loads(index.read_text()) and json.loads(index.read_text())[name][0] is not None
 
 
 def _load(cls, pipeline: str, subfolder: str):
@@ -143,18 +139,22 @@ class TextDenoiser(VPDenoiser):
         self.prompts, self.guidance = prompts, guidance
 
     def call_unet(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:
-            raise ValueError("a text-conditional denoiser needs prompt indices")
-        return self.unet(x_t, t, **self.prompts.conditions(labels, x_t.dtype)).sample
+        return self.unet(x_t, t, **self.prompts.conditions(_prompts(labels).to(x_t.device), x_t.dtype)).sample
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.guidance <= 1:
             return super().forward(x, sigma, labels)
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        uncond = torch.full_like(labels, len(self.prompts))
+        uncond = torch.full_like(_prompts(labels), len(self.prompts))
         both = super().forward(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, uncond]))
         cond, free = both.chunk(2)
         return free + self.guidance * (cond - free)
+
+
+def _prompts(labels: torch.Tensor | None) -> torch.Tensor:
+    if labels is None:
+        raise ValueError("a text-conditional network needs prompt indices as its labels")
+    return labels
 
 
 class LCMGenerator(nn.Module):
@@ -216,7 +216,8 @@ def import_text_teacher(pipeline: str, prompts_file: Path, timestep: int, out: P
     if not 0 <= timestep < len(scheduler.alphas_cumprod):
         raise DisbackError(f"text.timestep must be in [0, {len(scheduler.alphas_cumprod)}), got {timestep}")
     size = unet.config.sample_size
-    table = encode_prompts(pipeline, prompts, size * vae_scale_factor(pipeline))  # SDXL's time ids: the image size
+    xl = unet.config.addition_embed_type == "text_time"  # SDXL's UNet: pooled text and size/crop conditions
+    table = encode_prompts(pipeline, prompts, size * vae_scale_factor(pipeline), xl)  # time ids: the image size
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in table.items()})
@@ -311,7 +312,7 @@ def run_text(cfg, pipeline: str, prompts_file: Path, out: Path, show_progress: b
     out = Path(out)
     begin_stage(cfg, out / "teacher", resume, {"pipeline": str(pipeline), "prompts": read_prompts(prompts_file)})
     teacher_file = out / "teacher" / "teacher.safetensors"
-    if not (resume and teacher_file.is_file()):
+    if is_writer() and not (resume and teacher_file.is_file()):  # one process encodes; the others read its files
         import_text_teacher(pipeline, prompts_file, cfg.text.timestep, out / "teacher")
     wait()
     _, meta = stages.load_teacher(teacher_file)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from disback.checkpoint import Checkpoints, rng_state, set_rng_state
-from disback.distributed import anyone, is_writer
+from disback.distributed import anyone, is_writer, wait
 from disback.errors import DisbackError
 from disback.weights import write_text
 
@@ -149,11 +149,12 @@ def train_loop(
             if eval_every and (step % eval_every == 0 or step == steps):
                 record(step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in state["records"][-1].items() if k in ("swd", "fid", "loss_loss", "loss_fake")})
-            if any(stop):
+            if anyone(any(stop)):  # every process ends after the same step
                 state["stopped"] = True
                 break
             if anyone(bool(term)):  # every process stops after the same step
                 save(step)
+                wait()  # the main process has written the checkpoint before any process exits
                 raise DisbackError(f"{task.stage}: stopped by SIGTERM after step {step}; checkpoint saved, continue with --resume")
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                 save(step)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load_file, save
 from torch import nn
 
 from disback.distributed import is_writer
@@ -99,11 +99,10 @@ def read_weights(path: Path, sha256: str | None = None) -> dict[str, torch.Tenso
     path = Path(path)
     if not path.is_file():
         raise DisbackError(f"weights file {path} does not exist")
-    data = path.read_bytes()  # read once: hashed and parsed from memory
-    if sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != sha256:
+    if sha256 is not None and (actual := sha256_file(path)) != sha256:  # streamed: never two copies in memory
         raise DisbackError(f"{path} is corrupted or was replaced: sha256 {actual[:12]}... != recorded {sha256[:12]}...")
     try:
-        return load(data)
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise DisbackError(f"{path} is not a readable safetensors file ({exc})") from None
 
