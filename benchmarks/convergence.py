@@ -200,22 +200,26 @@ def tables(results: list[dict]) -> str:
         rows = [r for r in results if r["data"] == data]
         m = rows[0]["measure"]
         lines += [f"### {data} ({len(rows)} seeds, measure {m}; a run on fewer seeds says so as (k/n))", "",
-                  "| run | threshold | steps incl. stage 1 | wall s incl. stage 1 | speed-up (steps) | speed-up (wall) | final |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| run | threshold | generator steps | steps incl. stage 1 | wall s incl. stage 1 | speed-up (generator steps) "
+                  "| speed-up (steps incl. stage 1) | speed-up (wall incl. stage 1) | final |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for variant in dict.fromkeys(k for r in rows for k in r["runs"]):
             have = [r for r in rows if variant in r["runs"]]  # a benchmark cut short may lack some runs
             for label in thresholds(have[0], variant):
-                steps, walls, sp, sw = [], [], [], []
+                gen, steps, walls, sg, sp, sw = [], [], [], [], [], []
                 for r in have:
                     s, w = costs(r, variant, thresholds(r, variant)[label])
                     bs, bw = costs(r, baseline_of(r, variant), thresholds(r, variant)[label])
-                    steps.append(s), walls.append(w), sp.append(ratio(bs, s)), sw.append(ratio(bw, w))
+                    g = None if s is None else s - r["runs"][variant]["stage1_steps"]  # stage 1 not counted
+                    gen.append(g), steps.append(s), walls.append(w)
+                    sg.append(ratio(bs, g)), sp.append(ratio(bs, s)), sw.append(ratio(bw, w))
                 finals = [r["runs"][variant]["curve"][-1][m] for r in have]
                 final = mean_sd(finals, 3) if label == "baseline final" else ""
                 same = have[0]["runs"][variant]["variant"] == "baseline"
                 name = variant + (f" [{len(have)} seeds]" if len(have) < len(rows) else "")
-                lines.append(f"| {name} | {label} | {mean_sd(steps)} | {mean_sd(walls, 1)} | "
-                             f"{'' if same else mean_sd(sp, 2, 'n/a')} | {'' if same else mean_sd(sw, 2, 'n/a')} | {final} |")
+                speedups = ["" if same else mean_sd(v, 2, "n/a") for v in (sg, sp, sw)]
+                cells = [name, label, mean_sd(gen), mean_sd(steps), mean_sd(walls, 1), *speedups, final]
+                lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -235,19 +239,39 @@ def summary(results: list[dict], label: str = "2x teacher") -> str:
             if not rows:
                 cells.append("")
                 continue
-            m = rows[0]["measure"]
-            wall, step, final = [], [], []
-            for r in rows:
-                base = baseline_of(r, key)
-                threshold = thresholds(r, key)[label]
-                (s, w), (bs, bw) = costs(r, key, threshold), costs(r, base, threshold)
-                wall.append(ratio(bw, w)), step.append(ratio(bs, s))
-                final.append(r["runs"][key]["curve"][-1][m] / r["runs"][base]["curve"][-1][m])
-            got = [(w, s) for w, s in zip(wall, step) if w is not None and s is not None]
-            speed = (f"{statistics.mean(w for w, _ in got):.2f} / {statistics.mean(s for _, s in got):.2f}"
-                     + ("" if len(got) == len(rows) else f" ({len(got)}/{len(rows)})")) if got else f"n/a (0/{len(rows)})"
-            cells.append(f"{speed}; {statistics.mean(final):.2f}")
+            cells.append(cell([speedup_of(r, key, label) for r in rows]))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def speedup_of(result: dict, key: str, label: str) -> tuple[float | None, float | None, float]:
+    """Run ``key`` against its method's baseline at threshold ``label``: (wall-clock speed-up, step speed-up, both with
+    stage 1 counted; None if either never got there) and its final value over the baseline's."""
+    m, base = result["measure"], baseline_of(result, key)
+    threshold = thresholds(result, key)[label]
+    (s, w), (bs, bw) = costs(result, key, threshold), costs(result, base, threshold)
+    return ratio(bw, w), ratio(bs, s), result["runs"][key]["curve"][-1][m] / result["runs"][base]["curve"][-1][m]
+
+
+def cell(values: list[tuple[float | None, float | None, float]]) -> str:
+    """'wall / steps (k/n); final' averaged over the runs where both got there."""
+    got = [(w, s) for w, s, _ in values if w is not None and s is not None]
+    speed = (f"{statistics.mean(w for w, _ in got):.2f} / {statistics.mean(s for _, s in got):.2f}"
+             + ("" if len(got) == len(values) else f" ({len(got)}/{len(values)})")) if got else f"n/a (0/{len(values)})"
+    return f"{speed}; {statistics.mean(f for _, _, f in values):.2f}"
+
+
+def by_method(results: list[dict], label: str) -> str:
+    """One row per method, one column per variant, pooled over every data set and seed (the README's table)."""
+    keys = [k for k in dict.fromkeys(k for r in results for k in r["runs"]) if ": " in k]
+    methods = list(dict.fromkeys(k.split(": ")[0] for k in keys))
+    variants = [v for v in dict.fromkeys(k.split(": ")[1] for k in keys) if v != "baseline"]
+    lines = [f"To {label}, pooled over data sets and seeds: wall-clock / steps speed-up over the method's baseline "
+             "(stage 1 counted; k/n when not all got there); final value / baseline's.", "",
+             "| method | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for method in methods:
+        cells = [cell([speedup_of(r, f"{method}: {v}", label) for r in results if f"{method}: {v}" in r["runs"]]) for v in variants]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -307,7 +331,11 @@ def main() -> None:
         results = run(args, out)
     write_json(out / "results.json", {"command": " ".join(sys.argv), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                                       "elapsed_s": round(time.perf_counter() - begun), "results": results})
-    text = "\n\n".join(summary(results, label) for label in ("3x teacher", "2x teacher", "baseline final"))
+    labels = ("3x teacher", "2x teacher", "baseline final")
+    text = "\n\n".join(summary(results, label) for label in labels)
+    if len(args.methods) > 1 or args.reuse:
+        text = "\n\n".join([by_method(results, label) for label in labels if any(": " in k for r in results for k in r["runs"])]
+                           + [text])
     write_text(out / "summary.md", text + "\n")
     text += "\n\n" + tables(results)
     write_text(out / "table.md", text + "\n")
