@@ -61,6 +61,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 HELPERS = """
+import sys
 import torch
 from disback.distributed import local, state, strided, world
 from disback.errors import DisbackError
@@ -79,13 +80,13 @@ except DisbackError as exc:
     assert "multiples of 2" in str(exc)
 else:
     raise AssertionError("a batch of 7 was split over 2 processes")
-print("ok", rank)
+open(sys.argv[1] + f"/rank-{rank}.ok", "w").write("ok")  # a file per process: their stdout may interleave
 """
 
 
 def test_helpers_split_and_gather_across_two_processes(tmp_path):
     script = tmp_path / "helpers.py"
     script.write_text(HELPERS)
-    proc = subprocess.run([*TORCHRUN, "29632", str(script)], env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*TORCHRUN, "29632", str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(proc.stdout.split("\n")[:2]) == ["ok 0", "ok 1"]
+    assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank-0.ok", "rank-1.ok"]
