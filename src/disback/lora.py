@@ -42,14 +42,16 @@ class Adapted(nn.Module):
             del out[key]
         return out
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """Adapters in; with ``strict``, exactly this network's adapter keys (the base keys are not in ``state``, which
-        is why torch's own check is told not to look for them)."""
-        expected = set(self.state_dict())
-        if strict and set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False) -> None:
+        """Adapters in: exactly this network's adapter keys (always strict), copied into its own tensors. torch's
+        loader is not used because it would look for the base keys, which ``state`` rightly lacks."""
+        own = self.state_dict(keep_vars=True)
+        if set(state) != set(own):
+            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
             raise RuntimeError(f"adapter keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        return super().load_state_dict(state, strict=False, assign=assign)
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value)
 
 
 def fake_and_target(teacher: nn.Module, rank: int, num_nodes: int) -> tuple[nn.Module, nn.Module]:
