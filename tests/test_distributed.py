@@ -81,6 +81,8 @@ except DisbackError as exc:
 else:
     raise AssertionError("a batch of 7 was split over 2 processes")
 open(sys.argv[1] + f"/rank-{rank}.ok", "w").write("ok")  # a file per process: their stdout may interleave
+from disback.distributed import finish
+finish()
 """
 
 

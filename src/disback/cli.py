@@ -181,7 +181,11 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
+        from disback.distributed import finish
+
+        finish()
+        return code
     except DisbackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -93,3 +93,11 @@ def strided(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], z: 
     parts = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(parts, padded.contiguous())
     return torch.stack(parts, dim=1).reshape(per * n, *mine.shape[1:])[: len(z)]  # item j of rank r was z[j*n + r]
+
+
+def finish() -> None:
+    """End the process group cleanly once every process is done (an exit while another process is still in gloo's
+    teardown can abort it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

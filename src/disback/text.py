@@ -306,7 +306,9 @@ def run_text(cfg, pipeline: str, prompts_file: Path, out: Path, show_progress: b
     from disback.distributed import is_writer, wait
     from disback.runfolder import begin_stage
 
-    if METHOD_NEEDS_DATA.get(cfg.distill.method):
+    from disback.tasks import METHODS
+
+    if METHODS[cfg.distill.method].gan:
         raise DisbackError(f"method {cfg.distill.method} needs real images for its GAN term, which text-to-image runs do "
                            "not have yet; use --method dmd, vsd or sid")
     out = Path(out)
@@ -324,5 +326,3 @@ def run_text(cfg, pipeline: str, prompts_file: Path, out: Path, show_progress: b
     wait()
     return out / "pipeline"
 
-
-METHOD_NEEDS_DATA = {"dmd2": True}
