@@ -122,3 +122,59 @@ def test_prompts_files_are_read_or_refused_clearly(tmp_path):
         read_prompts(tmp_path / "d.txt")
     with pytest.raises(DisbackError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
+
+
+@pytest.mark.slow
+def test_dmd2_takes_real_images_with_captions_for_its_gan_term(tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from disback.text import encode_images
+
+    pipeline = build_pipeline(tmp_path, xl=False)
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, (colour, caption) in enumerate([((255, 0, 0), "a red square"), ((0, 0, 255), "a blue square"), ((0, 255, 0), "a red square")]):
+        Image.new("RGB", (24 + 8 * i, 16), colour).save(tmp_path / "images" / f"{i}.png")  # not square, not 16: cropped and resized
+        rows.append(json.dumps({"image": f"images/{i}.png", "prompt": caption}))
+    (tmp_path / "real.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    args = ["--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), *TINY_TEXT, "--method", "dmd2",
+            "--set", "distill.fake_updates=2", "--no-backtrack"]
+    refused = subprocess.run([sys.executable, "-m", "disback", "text", *args, "--out", str(tmp_path / "none")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--real" in refused.stderr and not (tmp_path / "none" / "teacher").exists()
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "disback", "text", *args, "--real", str(tmp_path / "real.jsonl"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    real = load_file(str(out / "teacher" / "real.safetensors"))
+    # the captions join the prompt table (once each); each image is labelled with its caption's row
+    assert real["labels"].tolist() == [0, 3, 0]
+    assert load_file(str(out / "teacher" / "prompts.safetensors"))["embeds"].shape[0] == len(PROMPTS) + 2
+    vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
+    assert real["latents"].shape == (3, 4, 8, 8)
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 16, 16)  # the first image, as [-1, 1] pixels
+    with torch.no_grad():
+        expected = vae.encode(red).latent_dist.mean * vae.config.scaling_factor
+    assert torch.allclose(real["latents"][:1], expected, atol=1e-4)
+    assert torch.allclose(encode_images(str(pipeline), [tmp_path / "images" / "2.png"], 16), real["latents"][2:], atol=1e-5)
+    records = [json.loads(line) for line in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_head"] > 0 and "loss_generator_gan" in r for r in records[1:])
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_real_images_files_are_read_or_refused_clearly(tmp_path):
+    from disback.text import read_captions
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "ok.jsonl").write_text('{"image": "a.png", "prompt": "x"}\n\n{"image": "a.png", "text": "y"}\n')
+    assert read_captions(tmp_path / "ok.jsonl") == [(tmp_path / "a.png", "x"), (tmp_path / "a.png", "y")]
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
+    with pytest.raises(DisbackError, match="line 1.*\"prompt\""):
+        read_captions(tmp_path / "bad.jsonl")
+    (tmp_path / "gone.jsonl").write_text('{"image": "b.png", "prompt": "x"}\n')
+    with pytest.raises(DisbackError, match="b.png does not exist"):
+        read_captions(tmp_path / "gone.jsonl")

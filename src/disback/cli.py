@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(preset="sd")
     p.add_argument("--pretrained", required=True, help="a Stable Diffusion (or SDXL) pipeline folder or hub id")
     p.add_argument("--prompts", required=True, help="a .txt file with one prompt per line, or .jsonl with a \"prompt\" field")
+    p.add_argument("--real", help="real images for dmd2's GAN term: a .jsonl file with \"image\" and \"prompt\" fields")
     p.add_argument("--no-backtrack", dest="backtrack", action="store_false", help="plain distillation (the baseline)")
     p.add_argument("--out", required=True, help="run folder: teacher/, path/, disback/ (or baseline/), pipeline/")
 
@@ -154,7 +155,8 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = _config(args)
         settled()
-        out = run_text(cfg, args.pretrained, Path(args.prompts), Path(args.out), show, resume, args.backtrack)
+        out = run_text(cfg, args.pretrained, Path(args.prompts), Path(args.out), show, resume, args.backtrack,
+                       Path(args.real) if args.real else None)
         say(f"one-step pipeline: {out}\n  pipe = DiffusionPipeline.from_pretrained('{out}')\n"
             f"  image = pipe(prompt, num_inference_steps=1, guidance_scale=0, timesteps=[{cfg.text.timestep}]).images[0]")
     elif args.command == "sample":

@@ -126,6 +126,64 @@ def _load(cls, pipeline: str, subfolder: str):
                            f"{str(exc).splitlines()[0]}; give a Stable Diffusion pipeline folder or hub id") from None
 
 
+# ---------------------------------------------------------------- real images (DMD2's GAN term)
+
+REAL = "real.safetensors"
+
+
+def read_captions(path: Path) -> list[tuple[Path, str]]:
+    """JSON lines with an "image" (a path, relative to the file or absolute) and a "prompt" (or "text") field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DisbackError(f"real images file {path} does not exist; give a .jsonl file of {{\"image\": ..., \"prompt\": ...}} lines")
+    pairs = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, caption = Path(path.parent, row["image"]), str(row["prompt"] if "prompt" in row else row["text"])
+        except (ValueError, KeyError, TypeError):
+            raise DisbackError(f"{path} line {i}: expected a JSON object with \"image\" and \"prompt\" fields, got {line[:80]!r}") from None
+        if not image.is_file():
+            raise DisbackError(f"{path} line {i}: image {image} does not exist (relative paths are read from {path.parent})")
+        pairs.append((image, caption))
+    if not pairs:
+        raise DisbackError(f"{path} holds no images")
+    return pairs
+
+
+@torch.no_grad()
+def encode_images(pipeline: str, images: list[Path], resolution: int, batch: int = 8) -> torch.Tensor:
+    """The pipeline's VAE latents of the images (shorter side resized to ``resolution``, centre-cropped, scaled to
+    [-1, 1] as the pipelines' image processor does): the latent mean times the VAE's scaling factor, so the same
+    files always give the same latents."""
+    from diffusers import AutoencoderKL
+
+    vae = _load(AutoencoderKL, pipeline, "vae")
+    latents = []
+    for i in range(0, len(images), batch):
+        x = torch.stack([_image(p, resolution) for p in images[i:i + batch]])
+        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(latents)
+
+
+def _image(path: Path, resolution: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        raise DisbackError(f"cannot read image {path}; give PNG or JPEG files") from None
+    scale = resolution / min(image.size)
+    w, h = max(round(image.width * scale), resolution), max(round(image.height * scale), resolution)
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
 # ---------------------------------------------------------------- networks
 
 
@@ -204,24 +262,29 @@ def rebuild_text_denoiser(meta: dict[str, Any], folder: Path) -> TextDenoiser:
 # ---------------------------------------------------------------- the teacher, and the export
 
 
-def import_text_teacher(pipeline: str, prompts_file: Path, timestep: int, out: Path) -> Path:
-    """teacher.safetensors (the pipeline's UNet as a TextDenoiser) and prompts.safetensors (the encoded prompts)."""
+def import_text_teacher(pipeline: str, prompts_file: Path, timestep: int, out: Path, real_file: Path | None = None) -> Path:
+    """teacher.safetensors (the pipeline's UNet as a TextDenoiser) and prompts.safetensors (the encoded prompts); with
+    ``real_file``, real.safetensors too: the images' VAE latents, labelled by their captions' rows in the table (the
+    captions join the prompts, so the generator is trained on them as well, as DMD2 does)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from disback.weights import atomic_write, save_weights
+    from disback.weights import save_weights
 
     prompts = read_prompts(prompts_file)
+    real = read_captions(real_file) if real_file else []
+    prompts += [c for c in dict.fromkeys(c for _, c in real) if c not in prompts]
     unet = _load(UNet2DConditionModel, pipeline, "unet")
     scheduler = _load(DDPMScheduler, pipeline, "scheduler")
     if not 0 <= timestep < len(scheduler.alphas_cumprod):
         raise DisbackError(f"text.timestep must be in [0, {len(scheduler.alphas_cumprod)}), got {timestep}")
     size = unet.config.sample_size
     xl = unet.config.addition_embed_type == "text_time"  # SDXL's UNet: pooled text and size/crop conditions
-    table = encode_prompts(pipeline, prompts, size * vae_scale_factor(pipeline), xl)  # time ids: the image size
-    from safetensors.torch import save
-
-    data = save({k: v.contiguous() for k, v in table.items()})
-    atomic_write(Path(out) / PROMPTS, lambda tmp: tmp.write_bytes(data))
+    resolution = size * vae_scale_factor(pipeline)
+    table = encode_prompts(pipeline, prompts, resolution, xl)  # time ids: the image size
+    _save_tensors(table, Path(out) / PROMPTS)
+    if real:
+        latents = encode_images(pipeline, [image for image, _ in real], resolution)
+        _save_tensors({"latents": latents, "labels": torch.tensor([prompts.index(c) for _, c in real])}, Path(out) / REAL)
     prediction = scheduler.config.get("prediction_type", "epsilon")
     model = TextDenoiser(unet, scheduler.alphas_cumprod, prediction, Prompts(table["embeds"], table.get("pooled"), table.get("time_ids")))
     config = {k: v for k, v in json.loads(unet.to_json_string()).items() if not k.startswith("_")}
@@ -229,10 +292,19 @@ def import_text_teacher(pipeline: str, prompts_file: Path, timestep: int, out: P
             "prediction_type": prediction, "source": str(pipeline), "num_classes": len(prompts), "prompts": PROMPTS,
             "prompts_path": str((Path(out) / PROMPTS).resolve()),
             "timestep": timestep, "shape": [unet.config.in_channels, size, size], "normaliser": {"mean": 0.0, "scale": 1.0},
-            "edm": None, "data": str(prompts_file)}
+            "edm": None, "data": str(prompts_file), "real": REAL if real else None}
     path = Path(out) / "teacher.safetensors"
     save_weights(model, path, meta)
     return path
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save
+
+    from disback.weights import atomic_write
+
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def vae_scale_factor(pipeline: str) -> int:
@@ -288,39 +360,47 @@ def export_text(generator_file: Path, out: Path) -> Path:
 # ---------------------------------------------------------------- the job
 
 
-def latent_data(meta: dict[str, Any]):
-    """The engine's Data for a text-to-image teacher: latents of the UNet's shape, in the UNet's own units, no measure."""
+def latent_data(meta: dict[str, Any], folder: Path):
+    """The engine's Data for a text-to-image teacher in ``folder``: latents of the UNet's shape, in the UNet's own
+    units, no measure; the real images' latents and caption rows as training data when the teacher has them."""
     import numpy as np
 
     from disback.data import Data
 
     empty = np.zeros((1, *meta["shape"]), dtype=np.float32)
-    return Data(name=Path(meta["data"]).name, kind="latents", train=empty, reference=empty, mean=0.0, scale=1.0)
+    if not meta.get("real"):
+        return Data(name=Path(meta["data"]).name, kind="latents", train=empty, reference=empty, mean=0.0, scale=1.0)
+    from safetensors.torch import load_file
+
+    real = load_file(str(Path(folder) / meta["real"]))
+    return Data(name=Path(meta["data"]).name, kind="latents", train=real["latents"].numpy(), reference=empty, mean=0.0,
+                scale=1.0, labels=real["labels"].numpy())
 
 
 def run_text(cfg, pipeline: str, prompts_file: Path, out: Path, show_progress: bool = True, resume: bool = False,
-             backtrack: bool = True) -> Path:
-    """Import the teacher and encode the prompts, record the degradation path (unless ``backtrack`` is False: the
-    baseline), distill over it, and export the pipeline; each part in its own folder under ``out``."""
+             backtrack: bool = True, real_file: Path | None = None) -> Path:
+    """Import the teacher and encode the prompts (and the real images, if given), record the degradation path (unless
+    ``backtrack`` is False: the baseline), distill over it, and export the pipeline; each part in its own folder
+    under ``out``."""
     from disback import stages
     from disback.distributed import is_writer, wait
     from disback.runfolder import begin_stage
-
     from disback.tasks import METHODS
 
-    if METHODS[cfg.distill.method].gan:
-        raise DisbackError(f"method {cfg.distill.method} needs real images for its GAN term, which text-to-image runs do "
-                           "not have yet; use --method dmd, vsd or sid")
+    if METHODS[cfg.distill.method].gan and real_file is None:
+        raise DisbackError(f"method {cfg.distill.method} needs real images for its GAN term: give --real captions.jsonl "
+                           "(lines {\"image\": ..., \"prompt\": ...}), or use --method dmd, vsd or sid")
     out = Path(out)
-    begin_stage(cfg, out / "teacher", resume, {"pipeline": str(pipeline), "prompts": read_prompts(prompts_file)})
+    real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
+    begin_stage(cfg, out / "teacher", resume, {"pipeline": str(pipeline), "prompts": read_prompts(prompts_file), "real": real})
     teacher_file = out / "teacher" / "teacher.safetensors"
     if is_writer() and not (resume and teacher_file.is_file()):  # one process encodes; the others read its files
-        import_text_teacher(pipeline, prompts_file, cfg.text.timestep, out / "teacher")
+        import_text_teacher(pipeline, prompts_file, cfg.text.timestep, out / "teacher", real_file)
     wait()
     _, meta = stages.load_teacher(teacher_file)
     path = stages.record_path(cfg, teacher_file, out / "path", show_progress, resume) if backtrack else None
     run = out / ("disback" if backtrack else "baseline")
-    stages.distill(cfg, latent_data(meta), teacher_file, path, run, show_progress, resume)
+    stages.distill(cfg, latent_data(meta, teacher_file.parent), teacher_file, path, run, show_progress, resume)
     if is_writer():
         export_text(run / "generator.safetensors", out / "pipeline")
     wait()
