@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -192,3 +193,13 @@ def test_a_path_from_another_teacher_is_refused(tiny_teacher, tmp_path):
     save_weights(teacher, other, meta)
     with pytest.raises(DisbackError, match="another teacher"):
         stages.load_path_for(other, tmp_path / "path")
+
+
+def test_a_fixed_walk_that_ends_after_the_budget_is_warned_with_the_fix():
+    cfg = tiny_config(distill={"steps": 30, "switch_every": 10, "schedule": "fixed"})
+    with pytest.warns(UserWarning, match=r"reaches the teacher at step 30.*switch_every to at most 5"):
+        stages.warn_short_walk(cfg, 4)  # 3 switches x 10 steps: the teacher only when the budget has ended
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stages.warn_short_walk(cfg, 3)  # at step 20 of 30: fine
+        stages.warn_short_walk(tiny_config(distill={"steps": 30, "switch_every": 10, "schedule": "adaptive"}), 4)
