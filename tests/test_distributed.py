@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,13 @@ SETTINGS = ["--method", "dmd2", "--set", "distill.fake_updates=2", "--set", "deg
 TOLERANCE = 1e-5
 
 
+def free_port() -> str:
+    """A port no other process is listening on now (fixed ports collide with a lingering or concurrent run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -32,11 +40,13 @@ def metrics(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, fsdp):
     demo = ["-m", "disback", "demo", *TINY_ARGS, *SETTINGS]
     one = subprocess.Popen([sys.executable, *demo, "--out", str(tmp_path / "one")], env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    two = subprocess.run([*TORCHRUN, "29631", *demo, "--out", str(tmp_path / "two")], env=env(),
+    sharded = ["--set", "run.fsdp=true"] if fsdp else []  # stages 1 and 2 shard their networks over the 2 processes
+    two = subprocess.run([*TORCHRUN, free_port(), *demo, *sharded, "--out", str(tmp_path / "two")], env=env(),
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert one.wait(timeout=600) == 0, one.stderr.read()[-3000:]
@@ -60,6 +70,86 @@ def test_two_processes_match_one_process(tmp_path):
     assert metrics(b / "path")[-1]["distance"] == pytest.approx(metrics(a / "path")[-1]["distance"], rel=1e-4)
 
 
+# Under run.fsdp: a distillation killed after step 6 and resumed from its step-4 checkpoint (sharded model and Adam
+# states gathered into the file, then scattered back) ends where an uninterrupted one does; the networks are sharded.
+RESUME = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_config
+from torch.distributed.tensor import DTensor
+from disback import stages, tasks
+from disback.data import load_data
+from disback.distributed import finish, state
+
+out = Path(sys.argv[1])
+cfg = tiny_config(distill={"steps": 12, "switch_every": 3, "method": "dmd2", "fake_updates": 2},
+                  run={"fsdp": True, "checkpoint_every": 4})
+data = load_data(cfg.data, cfg.seed)
+teacher = stages.train_teacher(cfg, data, out / "teacher", show_progress=False)
+path = stages.record_path(cfg, teacher, out / "path", show_progress=False)
+made = []
+plain_init = tasks.Distillation.__init__
+tasks.Distillation.__init__ = lambda self, *a, **k: (plain_init(self, *a, **k), made.append(self))[0]
+
+
+class Crash:
+    def on_step_end(self, step, task):
+        if step == 6:
+            raise KeyboardInterrupt
+
+
+plain_loop = stages.train_loop
+stages.train_loop = lambda task, steps, **kw: plain_loop(task, steps, **{**kw, "callbacks": [*kw.get("callbacks", ()), Crash()]})
+try:
+    stages.distill(cfg, data, teacher, path, out / "resumed", show_progress=False)
+    raise AssertionError("the run was not interrupted")
+except KeyboardInterrupt:
+    pass
+stages.train_loop = plain_loop
+steps = []
+plain_step = tasks.Distillation.train_step
+tasks.Distillation.train_step = lambda self: (steps.append(1), plain_step(self))[1]
+stages.distill(cfg, data, teacher, path, out / "resumed", show_progress=False, resume=True)
+assert len(steps) == 8, len(steps)  # steps 5 to 12: from the step-4 checkpoint, not from the start
+tasks.Distillation.train_step = plain_step
+stages.distill(cfg, data, teacher, path, out / "straight", show_progress=False)
+for module in (made[-1].generator_module, made[-1].fake_module, made[-1].head):
+    p = next(module.parameters())
+    assert isinstance(p, DTensor) and p.to_local().shape[0] == -(-p.shape[0] // 2), (type(p), p.shape)
+open(out / f"rank-{state().process_index}.ok", "w").write("ok")
+finish()
+"""
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_where_it_was_killed(tmp_path):
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME)
+    proc = subprocess.run([*TORCHRUN, free_port(), str(script), str(tmp_path), str(Path(__file__).parent)], env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank-0.ok", "rank-1.ok"]
+    a, b = tmp_path / "resumed", tmp_path / "straight"
+    assert json.loads((a / "result.json").read_text())["switches"] == [3, 6, 9]
+    for name in ("generator.safetensors", "fake.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert max((x[k] - y[k]).abs().max().item() for k in x) < 1e-6, name
+    assert [r["swd"] for r in metrics(a)] == pytest.approx([r["swd"] for r in metrics(b)], rel=1e-5)
+
+
+def test_fsdp_needs_several_processes_and_full_networks():
+    from conftest import tiny_config
+    from disback import stages
+    from disback.errors import DisbackError
+
+    with pytest.raises(DisbackError, match="one process"):
+        stages.sharded(tiny_config(run={"fsdp": True}), stages.accelerator())
+    assert stages.sharded(tiny_config(), stages.accelerator()) is False
+    with pytest.raises(DisbackError, match="lora_rank"):
+        tiny_config(run={"fsdp": True}, network={"lora_rank": 4})
+
+
 HELPERS = """
 import sys
 import torch
@@ -72,7 +162,8 @@ labels = torch.arange(7) % 3  # balanced labels, as the evaluation draws them
 seen = []
 out = strided(lambda zz, yy: (seen.append(yy.tolist()), zz * 10)[1], z, labels)
 assert out.tolist() == (z * 10).tolist(), out  # gathered back in z's order, the odd item included
-assert seen == [labels[rank::2].tolist()]  # every process evaluates every class
+mine = labels[rank::2].tolist()  # every class in every process; the shorter share padded with its first item
+assert seen == [mine + mine[:1] * (4 - len(mine))]  # (both processes run fn on 4 items: a sharded network needs both)
 assert local(torch.arange(8)).tolist() == list(range(4 * rank, 4 * rank + 4))
 try:
     local(torch.arange(7))
@@ -89,6 +180,6 @@ finish()
 def test_helpers_split_and_gather_across_two_processes(tmp_path):
     script = tmp_path / "helpers.py"
     script.write_text(HELPERS)
-    proc = subprocess.run([*TORCHRUN, "29632", str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*TORCHRUN, free_port(), str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank-0.ok", "rank-1.ok"]

@@ -38,7 +38,7 @@ def test_baseline_and_disback_go_through_the_same_loop(tiny_teacher, tmp_path, m
 @pytest.mark.parametrize("method", ["vsd", "dmd", "dmd2", "sid"])
 def test_every_method_runs_through_the_one_loop_with_and_without_backtracking(tiny_teacher, tmp_path, monkeypatch, method):
     teacher_file, cfg = tiny_teacher
-    cfg = tiny_config(network={"hidden": 64}, distill={"method": method, "steps": 12, "schedule": "fixed", "switch_every": 3},
+    cfg = tiny_config(network={"hidden": 64}, distill={"method": method, "steps": 12, "schedule": "fixed", "switch_every": 2},
                       eval={"every": 6})
     path = DegradationPath.load(_shared_path(teacher_file, cfg, tmp_path))
     seen = []

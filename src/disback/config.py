@@ -113,6 +113,8 @@ class RunConfig:
     channels_last: bool = False  # UNets in channels-last memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the networks' forward (state_dict keys unchanged)
     gradient_checkpointing: bool = False  # UNets recompute activations in the backward pass: less memory, more time
+    fsdp: bool = False  # several processes: stages 1 and 2 shard their trained networks and Adam states (FSDP2);
+    #                     a teacher trained here is data parallel (docs/scaling.md)
 
 
 @dataclass
@@ -326,6 +328,9 @@ def _check(cfg: Config) -> None:
     net = cfg.network
     if net.kind not in ("mlp", "unet"):
         raise DisbackError(f"'network.kind' must be 'mlp' (points) or 'unet' (images), got '{net.kind}'")
+    if cfg.run.fsdp and net.lora_rank:
+        raise DisbackError("run.fsdp shards full networks; with network.lora_rank the trained adapters are small and the "
+                           "teacher is frozen: use data parallel alone (run.fsdp=false)")
     if net.lora_rank < 0:
         raise DisbackError(f"'network.lora_rank' must be 0 (full copies of the teacher) or a positive LoRA rank, got {net.lora_rank}")
     if net.num_classes < 0 or (net.num_classes and net.kind != "unet"):

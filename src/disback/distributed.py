@@ -15,10 +15,11 @@ through Accelerate) the rules are:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from accelerate import PartialState
 
 from disback.errors import DisbackError
@@ -87,12 +88,95 @@ def strided(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], z: 
     n, rank = world(), state().process_index
     if n == 1:
         return fn(z, labels)
-    mine = fn(z[rank::n], None if labels is None else labels[rank::n])
-    per = -(-len(z) // n)  # ceil: shares differ by at most one; pad so that all_gather sees equal sizes
-    padded = torch.cat([mine, mine[:1].expand(per - len(mine), *mine.shape[1:])]) if len(mine) < per else mine
-    parts = [torch.empty_like(padded) for _ in range(n)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.stack(parts, dim=1).reshape(per * n, *mine.shape[1:])[: len(z)]  # item j of rank r was z[j*n + r]
+    per = -(-len(z) // n)  # ceil: shares differ by at most one; padded so that every process runs fn on per items
+    # (a sharded network needs every process in each of its forward passes) and all_gather sees equal sizes
+    mine = _pad(z[rank::n], per)
+    out = fn(mine, None if labels is None else _pad(labels[rank::n], per))
+    parts = [torch.empty_like(out) for _ in range(n)]
+    dist.all_gather(parts, out.contiguous())
+    return torch.stack(parts, dim=1).reshape(per * n, *out.shape[1:])[: len(z)]  # item j of rank r was z[j*n + r]
+
+
+def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.cat([x, x[:1].expand(size - len(x), *x.shape[1:])]) if len(x) < size else x
+
+
+# ---------------------------------------------------------------- run.fsdp: the trained networks sharded
+
+BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' UNet blocks: each one a unit of its own
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """Shard ``module``'s parameters across the processes with FSDP2 (``fully_shard``), in place: every UNet block is a
+    unit of its own, then the rest, so that a forward pass gathers one block's parameters at a time. Each process
+    keeps 1/N of the parameters, their gradients (averaged across processes, as DDP does) and their Adam states.
+    Parameter names, and so state_dict keys and files, are unchanged."""
+    from torch.distributed.fsdp import fully_shard
+
+    for sub in module.modules():
+        if type(sub).__name__ in BLOCKS:
+            fully_shard(sub)
+    fully_shard(module)
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule) or any(isinstance(m, FSDPModule) for m in module.children())
+
+
+def _whole():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()``; a sharded module's shards gathered into whole tensors on the CPU of the main process
+    (the others get an empty dict, since only the main process writes). A collective: every process calls it."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_whole())
+
+
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of full_state: every key must match (strict); a sharded module takes the main process's state."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state, options=_whole())
+
+
+def optimiser_state(module: nn.Module, optimiser: torch.optim.Optimizer) -> dict:
+    """The optimiser's state dict; for a sharded ``module``, whole (keyed by parameter name) on the main process."""
+    if not is_sharded(module):
+        return optimiser.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimiser, options=_whole())
+
+
+def load_optimiser_state(module: nn.Module, optimiser: torch.optim.Optimizer, state: dict) -> None:
+    if not is_sharded(module):
+        optimiser.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimiser, state, options=_whole())
+
+
+def from_main(value: Any) -> Any:
+    """The main process's ``value`` in every process (a no-op in one process)."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def finish() -> None:

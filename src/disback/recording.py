@@ -22,7 +22,7 @@ from torch import nn
 
 from disback.config import EDMConfig
 from disback.errors import DisbackError
-from disback.distributed import mean_across
+from disback.distributed import full_state, load_full_state, mean_across
 from disback.losses import weighted_mse
 from disback.path import DegradationPath
 from disback.sampling import karras_schedule
@@ -117,7 +117,8 @@ class DistanceRecorder:
             return False
         distance = self.probe(self.model)
         self.probed.append((step, distance))
-        self.candidates.append((step, distance, {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}))
+        weights = full_state(self.model)  # sharded (run.fsdp): the main process alone keeps the candidates
+        self.candidates.append((step, distance, {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}))
         if len(self.candidates) > self.capacity:
             self._thin()
         return self.at_plateau(step, distance)
@@ -157,12 +158,12 @@ class DistanceRecorder:
             chosen.append(best)
             start = best + 1
         chosen.append(len(self.candidates) - 1)
-        live = {k: v.clone() for k, v in self.model.state_dict().items()}
+        live = {k: v.clone() for k, v in full_state(self.model).items()}
         for i in chosen:
             step, distance, state = self.candidates[i]
-            self.model.load_state_dict(state)
+            load_full_state(self.model, state)
             self.path.add_node(self.model, step, self.metadata, distance)
-        self.model.load_state_dict(live)
+        load_full_state(self.model, live)
         self.candidates = []
 
 

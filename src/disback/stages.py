@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.utils import set_seed
 
 from disback.checkpoint import Checkpoints
 from disback.config import Config
 from disback.data import Data, to_units
-from disback.distributed import local, state, strided, wait
+from disback.distributed import local, state, strided, wait, world
 from disback.errors import DisbackError
 from disback.lora import Adapted, fake_and_target, scratch
 from disback.text import guide
@@ -52,6 +52,17 @@ def accelerator(precision: str = "fp32") -> Accelerator:
         raise DisbackError(f"this process already runs with precision {_ACCELERATOR.mixed_precision}; run.precision={precision} "
                            "needs a process of its own (one command per precision)")
     return _ACCELERATOR
+
+
+def sharded(cfg: Config, acc: Accelerator) -> bool:
+    """Whether this stage shards its trained networks (run.fsdp), once it is clear that this launch can."""
+    if acc.distributed_type == DistributedType.FSDP:
+        raise DisbackError("disback shards the networks itself: launch with accelerate/fsdp.yaml (distributed_type MULTI_GPU) "
+                           "and --set run.fsdp=true, not with an accelerate config of distributed_type FSDP")
+    if cfg.run.fsdp and world() == 1:
+        raise DisbackError("run.fsdp shards the networks across processes, and this is one process: launch several "
+                           "(accelerate launch --config_file accelerate/fsdp.yaml ..., or torchrun), or set run.fsdp=false")
+    return cfg.run.fsdp
 
 
 def speed_up(cfg: Config, *modules: torch.nn.Module) -> None:
@@ -238,7 +249,8 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     degrading = Adapted(teacher, cfg.network.lora_rank) if cfg.network.lora_rank else copy.deepcopy(teacher).requires_grad_(True)
     speed_up(cfg, degrading)
     path.add_node(degrading, 0, meta, 0.0)
-    task = ScoreFitting(degrading, source, batch=cfg.degrade.batch, lr=cfg.degrade.lr, edm=cfg.edm, accelerator=acc, stage="degrade")
+    task = ScoreFitting(degrading, source, batch=cfg.degrade.batch, lr=cfg.degrade.lr, edm=cfg.edm, accelerator=acc,
+                        stage="degrade", fsdp=sharded(cfg, acc))
     deg, steps = cfg.degrade, cfg.degrade.steps
     if deg.spacing == "distance":
         recorder = DistanceRecorder(path, degrading, deg.nodes, steps, deg.probes, deg.candidates, meta, probe, deg.plateau)
@@ -328,7 +340,7 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
     classes = meta.get("num_classes", 0)
     real = DataSource(data, classes, acc.device, cfg.seed + 3) if METHODS[cfg.distill.method].gan else None
     task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm, shape=data.shape,
-                        accelerator=acc, stage=stage, num_classes=classes, real=real)
+                        accelerator=acc, stage=stage, num_classes=classes, real=real, fsdp=sharded(cfg, acc))
     z, labels = eval_noise(cfg, data.shape, meta.get("num_classes", 0), acc.device)
 
     def samples() -> np.ndarray:  # shared among processes, if several; every class alike in each

@@ -18,7 +18,17 @@ from accelerate import Accelerator
 from torch import nn
 
 from disback.config import DistillConfig, EDMConfig
-from disback.distributed import everyone, local, mean_across
+from disback.distributed import (
+    everyone,
+    full_state,
+    load_full_state,
+    load_optimiser_state,
+    local,
+    mean_across,
+    optimiser_state,
+    shard,
+)
+from disback.errors import DisbackError
 from disback.gan import head_for
 from disback.losses import (
     dmd_generator_loss,
@@ -47,11 +57,18 @@ class ScoreFitting:
         accelerator: Accelerator,
         stage: str,
         ema_decay: float | None = None,
+        fsdp: bool = False,
     ):
         self.stage = stage
         self.source, self.batch, self.edm, self.accelerator = source, batch, edm, accelerator
+        if fsdp and ema_decay is not None:
+            raise DisbackError("run.fsdp does not train teachers (their EMA is not sharded); train the teacher without it, "
+                               "or import a pretrained one (teacher.pretrained)")
+        if fsdp:
+            shard(denoiser)
         optimiser = adam([p for p in denoiser.parameters() if p.requires_grad], lr, accelerator)  # LoRA: adapters only
-        self.model, self.optimiser = accelerator.prepare(denoiser, optimiser)
+        # A sharded network is used as it is (FSDP2 shards in place); otherwise accelerate wraps it (DDP) when needed.
+        self.model, self.optimiser = (denoiser, optimiser) if fsdp else accelerator.prepare(denoiser, optimiser)
         self.denoiser = accelerator.unwrap_model(self.model)
         # The EMA is copied after prepare() so that it lives on the same device as the model.
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if ema_decay is not None else None
@@ -64,26 +81,31 @@ class ScoreFitting:
         return [self.denoiser]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.denoiser.state_dict(), "optimiser": self.optimiser.state_dict(),
+        return {"model": full_state(self.denoiser), "optimiser": optimiser_state(self.denoiser, self.optimiser),
                 "ema": None if self.ema is None else self.ema.state_dict(), "source": _state_of(self.source)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.denoiser.load_state_dict(state["model"])
-        self.optimiser.load_state_dict(state["optimiser"])
+        load_full_state(self.denoiser, state["model"])
+        load_optimiser_state(self.denoiser, self.optimiser, state["optimiser"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         _load_state_of(self.source, state["source"])
 
     def train_step(self) -> dict[str, float]:
         x0, labels = self.source(self.batch)  # this process's share of the batch (disback.distributed)
-        sigma = local(lognormal_sigma(self.batch, self.edm.p_mean, self.edm.p_std, device=x0.device))
-        noise = local(torch.randn(self.batch, *x0.shape[1:], device=x0.device))
+        sigma, noise = shares(lognormal_sigma(self.batch, self.edm.p_mean, self.edm.p_std, device=x0.device), x0)
         with self.accelerator.autocast():
             loss = dsm_loss(self.model, x0, sigma, noise, self.edm.sigma_data, labels)
         if update(self.accelerator, self.optimiser, loss) and self.ema is not None:
             with torch.no_grad():  # one fused update for all tensors: many small kernels dominate on a GPU
                 torch._foreach_lerp_(list(self.ema.parameters()), list(self.denoiser.parameters()), 1.0 - self.ema_decay)
         return mean_across({"loss": loss.item()})
+
+
+def shares(sigma: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of a global batch's noise levels ``sigma`` and of noise drawn for the whole batch (every
+    process draws all of it, so that the random streams stay in step); x0 is this process's share of the data."""
+    return local(sigma), local(torch.randn(len(sigma), *x0.shape[1:], device=x0.device))
 
 
 def adam(params, lr: float, accelerator: Accelerator) -> torch.optim.Optimizer:
@@ -154,6 +176,7 @@ class Distillation:
         stage: str,
         num_classes: int = 0,
         real: Source | None = None,
+        fsdp: bool = False,
     ):
         self.stage, self.cfg, self.edm, self.shape, self.accelerator = stage, cfg, edm, tuple(shape), accelerator
         self.num_classes, self.method, self.real = num_classes, METHODS[cfg.method], real
@@ -169,20 +192,27 @@ class Distillation:
         # base is the teacher that the fake score shares, which so becomes bf16 too: frozen, it only runs forward.
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
         self.target = target.requires_grad_(False).eval().to(device, dtype=dtype)
-        self.generator_module, self.fake_module = generator, fake.to(device)
-        fake_params = [p for p in fake.parameters() if p.requires_grad]  # LoRA: the adapters, not the shared teacher
-        self.head = self.tap = self.head_trained = None
+        self.generator_module, self.fake_module = generator.to(device), fake.to(device)
+        self.head = self.tap = None
         if self.method.gan:
             self.head, self.tap = head_for(fake, torch.zeros(2, *shape, device=device), 1.0,
                                            torch.zeros(2, dtype=torch.long, device=device) if num_classes else None)
-            fake_params += list(self.head.parameters())
-            self.head_trained = accelerator.prepare(self.head)  # its gradients are averaged across processes too
+        trained = [m for m in (generator, fake, self.head) if m is not None]
+        if fsdp:  # sharded in place, before the optimisers are built on the shards
+            for module in trained:
+                shard(module)
+        # the fake score's optimiser also trains the head; a container names their parameters for sharded state dicts
+        self.fake_and_head = nn.ModuleDict({"fake": fake, **({"head": self.head} if self.head is not None else {})})
+        fake_params = [p for p in self.fake_and_head.parameters() if p.requires_grad]  # LoRA: adapters, not the teacher
         opt_g = adam(generator.parameters(), cfg.lr_generator, accelerator)
         opt_f = adam(fake_params, cfg.lr_fake, accelerator)
-        # self.generator and self.fake are the prepared (under several processes, DDP-wrapped) networks: used where they
-        # are trained. The generator step runs the frozen fake score and head unwrapped, since DDP expects gradients
-        # for every parameter of a wrapped network that runs with gradients enabled.
-        self.generator, self.fake, self.opt_g, self.opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
+        # self.generator, self.fake and self.head_trained are the prepared (under several processes, DDP-wrapped)
+        # networks: used where they are trained. The generator step runs the frozen fake score and head unwrapped,
+        # since DDP expects gradients for every parameter of a wrapped network that runs with gradients enabled.
+        # Sharded networks are used as they are (FSDP2 shards in place, and a frozen one may run with gradients).
+        prepared = trained + [opt_g, opt_f] if fsdp else accelerator.prepare(*trained, opt_g, opt_f)
+        self.generator, self.fake, self.opt_g, self.opt_f = prepared[0], prepared[1], prepared[-2], prepared[-1]
+        self.head_trained = prepared[2] if self.head is not None else None
         self.switches: list[int] = []  # generator steps at which the target moved
         self.steps_done = 0
 
@@ -193,18 +223,19 @@ class Distillation:
         return [m for m in (self.generator_module, self.fake_module, self.head) if m is not None]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator_module.state_dict(), "fake": self.fake_module.state_dict(),
-                "head": None if self.head is None else self.head.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_f": self.opt_f.state_dict(), "schedule": self.schedule.state_dict(),
+        return {"generator": full_state(self.generator_module), "fake": full_state(self.fake_module),
+                "head": None if self.head is None else full_state(self.head),
+                "opt_g": optimiser_state(self.generator_module, self.opt_g), "opt_f": optimiser_state(self.fake_and_head, self.opt_f),
+                "schedule": self.schedule.state_dict(),
                 "switches": list(self.switches), "steps_done": self.steps_done, "real": _state_of(self.real)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator_module.load_state_dict(state["generator"])
-        self.fake_module.load_state_dict(state["fake"])
+        load_full_state(self.generator_module, state["generator"])
+        load_full_state(self.fake_module, state["fake"])
         if self.head is not None:
-            self.head.load_state_dict(state["head"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_f.load_state_dict(state["opt_f"])
+            load_full_state(self.head, state["head"])
+        load_optimiser_state(self.generator_module, self.opt_g, state["opt_g"])
+        load_optimiser_state(self.fake_and_head, self.opt_f, state["opt_f"])
         self.schedule.load_state_dict(state["schedule"])
         self.switches, self.steps_done = list(state["switches"]), state["steps_done"]
         _load_state_of(self.real, state["real"])
@@ -222,8 +253,7 @@ class Distillation:
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 + sigma n with sigma spread over the generator loss's Karras range."""
         n = self.cfg.batch  # x0 is this process's share of a batch of n
-        sigma = local(karras_sigma(n, self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device))
-        noise = local(torch.randn(n, *x0.shape[1:], device=x0.device))
+        sigma, noise = shares(karras_sigma(n, self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device), x0)
         return x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * noise, sigma
 
     def logits(self, x0: torch.Tensor, labels: torch.Tensor | None, trained: bool) -> torch.Tensor:
@@ -241,8 +271,7 @@ class Distillation:
             with torch.no_grad():
                 x0 = self.generator(z, labels)
             n = self.cfg.batch
-            sigma = local(lognormal_sigma(n, self.edm.p_mean, self.edm.p_std, device=x0.device))
-            noise = local(torch.randn(n, *x0.shape[1:], device=x0.device))
+            sigma, noise = shares(lognormal_sigma(n, self.edm.p_mean, self.edm.p_std, device=x0.device), x0)
             loss = dsm_loss(self.fake, x0, sigma, noise, self.edm.sigma_data, labels)
             out = {"fake": loss.item()}
             if self.head is not None:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from disback.distributed import is_writer
+from disback.distributed import from_main, full_state, is_sharded, is_writer
 from disback.errors import DisbackError
 
 
@@ -62,10 +62,14 @@ def save_array(path: Path, array) -> None:
 
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> str:
     """Save a module's state dict as safetensors; metadata (JSON) goes in the file's header. Returns its sha256."""
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    whole = full_state(module)  # gathered from its shards when sharded (run.fsdp): then the main process alone has it
+    if is_sharded(module) and not is_writer():
+        return from_main(None)
+    state = {k: v.detach().contiguous().cpu() for k, v in whole.items()}
     data = save(state, metadata={"disback": json.dumps(metadata or {})})
     atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
-    return hashlib.sha256(data).hexdigest()  # from the bytes: every process knows it, though only one writes the file
+    digest = hashlib.sha256(data).hexdigest()  # from the bytes: every process knows it, though only one writes the file
+    return from_main(digest) if is_sharded(module) else digest
 
 
 def sha256_file(path: Path) -> str:
