@@ -9,7 +9,9 @@ allocation; CPU: the process's peak resident set, which includes ~0.5 GB of Pyth
 the networks and their optimiser states hold, the size of the degradation path on disk, the final value of the
 data's measure, the steps to 2x the teacher's value, and wall seconds of training. weights_MB and trained_with_adam_MB
 count what the networks hold (shared tensors once) and what training adds per trained parameter (gradient and Adam's
-two moments): exact, whatever the device. Results are appended to --out.
+two moments); saved_for_backward_MB is what autograd keeps for the backward passes of one distillation step (the
+activations, which gradient checkpointing trades for time). All three are exact, whatever the device. Results are
+appended to --out.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def run_variant(name: str, preset: str, teacher: str, quick: bool) -> dict:
     cfg = build_config(preset, overrides=overrides)
     data = load_data(cfg.data, cfg.seed)
     teacher_value = stages.metrics_for(cfg, data)(__import__("numpy").load(Path(teacher).parent / "samples.npy"))
+    saved = activation_meter()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         path = stages.record_path(cfg, Path(teacher), Path(tmp) / "path", show_progress=False)
@@ -62,9 +65,64 @@ def run_variant(name: str, preset: str, teacher: str, quick: bool) -> dict:
             "final": round(records[-1][measure], 3), "steps_to_2x_teacher": reached,
             "peak_GiB": round((torch.cuda.max_memory_allocated() if cuda else peak_rss()) / 2**30, 3),
             "peak_kind": "cuda allocated" if cuda else "process RSS",
-            "weights_MB": weights_MB, "trained_with_adam_MB": trained_MB, "path_MB": round(path_bytes / 1e6, 3), "saved_generator_and_fake_MB": round(weights_bytes / 1e6, 3),
+            "weights_MB": weights_MB, "trained_with_adam_MB": trained_MB, "saved_for_backward_MB": round(saved["bytes"] / 1e6, 3), "path_MB": round(path_bytes / 1e6, 3), "saved_generator_and_fake_MB": round(weights_bytes / 1e6, 3),
             "stage1_s": round(stage1_s, 1), "distill_train_s": round(records[-1]["wall_s"], 1),
             "device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d")}
+
+
+def activation_meter() -> dict:
+    """Bytes of the tensors that autograd keeps for a backward pass of the first distillation step (the largest of its
+    fake-score updates and its generator update), each storage once and parameters excluded: the activation memory
+    held at the step's peak, exact on any device. Under gradient checkpointing a checkpointed block keeps its inputs instead, outside autograd's saved
+    tensors: those are counted by a wrapper around torch.utils.checkpoint.checkpoint (which diffusers binds when
+    checkpointing is enabled, after this)."""
+    import torch
+    import torch.utils.checkpoint
+
+    from disback import tasks
+
+    seen: dict = {}
+    storages: dict[int, int] = {}  # storage -> bytes, kept by the forward pass whose backward comes next
+    totals: list[int] = []  # one per backward pass of the step
+    plain, plain_update = tasks.Distillation.train_step, tasks.update
+    plain_checkpoint = torch.utils.checkpoint.checkpoint
+    params: set[int] = set()
+
+    def update(accelerator, optimiser, loss):
+        if not seen:  # what this backward pass frees; the next forward pass starts from nothing
+            totals.append(sum(n for ptr, n in storages.items() if ptr not in params))
+            storages.clear()
+        return plain_update(accelerator, optimiser, loss)
+
+    tasks.update = update
+
+    def checkpoint(fn, *args, **kwargs):
+        for t in args:
+            if isinstance(t, torch.Tensor) and not seen:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return plain_checkpoint(fn, *args, **kwargs)
+
+    torch.utils.checkpoint.checkpoint = checkpoint
+
+    def step(self):
+        if seen:
+            return plain(self)
+        params.update(p.untyped_storage().data_ptr() for m in (*self.modules(), self.target) for p in m.parameters())
+        storages.clear()  # checkpoints of earlier stages (stage 1) do not count
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = plain(self)
+        seen["bytes"] = max(totals)  # the largest of the step's backward passes: what it holds at its peak
+        return out
+
+    tasks.Distillation.train_step = step
+    return seen
 
 
 def network_bytes(cfg, teacher: Path, num_nodes: int) -> tuple[float, float]:
