@@ -89,13 +89,15 @@ def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffu
     prompts = tmp_path / ("prompts.jsonl" if xl else "prompts.txt")
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) if xl else "\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "run"
+    lora = ["--set", "network.lora_rank=4"] if xl else []  # SDXL as docs/text-to-image.md runs it: LoRA fake score and nodes
     proc = subprocess.run([sys.executable, "-m", "disback", "text", "--pretrained", str(pipeline), "--prompts", str(prompts),
-                           "--out", str(out), *TINY_TEXT], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), *TINY_TEXT, *lora], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "timesteps=[399]" in proc.stdout
 
     manifest = json.loads((out / "path" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["nodes"]) == 3
+    assert manifest["config"]["network"]["lora_rank"] == (4 if xl else 0)
     records = [json.loads(line) for line in (out / "disback" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["target_node"]) for r in records] == [(0, 1), (3, 0), (6, 0)]  # the teacher from step 2
     assert json.loads((out / "disback" / "result.json").read_text())["switches"] == [2]
