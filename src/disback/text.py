@@ -272,7 +272,13 @@ def import_text_teacher(pipeline: str, prompts_file: Path, timestep: int, out: P
 
     prompts = read_prompts(prompts_file)
     real = read_captions(real_file) if real_file else []
-    prompts += [c for c in dict.fromkeys(c for _, c in real) if c not in prompts]
+    rows: dict[str, int] = {}  # each text's first row in the table (a dict: a data set may hold many images)
+    for i, text in enumerate(prompts):
+        rows.setdefault(text, i)
+    for _, caption in real:  # new captions go after the prompts, whose rows stay as they are
+        if caption not in rows:
+            rows[caption] = len(prompts)
+            prompts.append(caption)
     unet = _load(UNet2DConditionModel, pipeline, "unet")
     scheduler = _load(DDPMScheduler, pipeline, "scheduler")
     if not 0 <= timestep < len(scheduler.alphas_cumprod):
@@ -284,7 +290,7 @@ def import_text_teacher(pipeline: str, prompts_file: Path, timestep: int, out: P
     _save_tensors(table, Path(out) / PROMPTS)
     if real:
         latents = encode_images(pipeline, [image for image, _ in real], resolution)
-        _save_tensors({"latents": latents, "labels": torch.tensor([prompts.index(c) for _, c in real])}, Path(out) / REAL)
+        _save_tensors({"latents": latents, "labels": torch.tensor([rows[c] for _, c in real])}, Path(out) / REAL)
     prediction = scheduler.config.get("prediction_type", "epsilon")
     model = TextDenoiser(unet, scheduler.alphas_cumprod, prediction, Prompts(table["embeds"], table.get("pooled"), table.get("time_ids")))
     config = {k: v for k, v in json.loads(unet.to_json_string()).items() if not k.startswith("_")}
