@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from disback import stages
 from disback.data import load_data
 from disback.path import DegradationPath
 from disback.tasks import METHODS, Distillation, ScoreFitting
 from disback.train import train_loop
+from disback.weights import read_weights
 
 from conftest import tiny_config
 
@@ -71,3 +73,60 @@ def test_distillation_improves_the_generator(tiny_teacher, tmp_path):
     data = load_data(cfg.data, cfg.seed)
     records = stages.distill(cfg, data, teacher_file, None, tmp_path / "run", show_progress=False)["records"]
     assert records[-1]["swd"] < 0.5 * records[0]["swd"], (records[0]["swd"], records[-1]["swd"])
+
+
+@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+def test_reused_samples_train_the_fake_score_and_save_a_generator_pass(tiny_teacher, tmp_path, monkeypatch, method):
+    """distill.reuse_samples (DMD2's order): the generator step runs first, and the fake score's first update trains on
+    exactly its samples, so an iteration runs the generator once fewer; the run still distills."""
+    teacher_file, _ = tiny_teacher
+    cfg = tiny_config(network={"hidden": 64}, distill={"method": method, "steps": 4, "fake_updates": 3, "reuse_samples": True})
+    tasks = []
+
+    def spy(task, steps, **kw):
+        tasks.append(task)
+        return train_loop(task, steps, **kw)
+
+    monkeypatch.setattr(stages, "train_loop", spy)
+    stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, None, tmp_path / "run", show_progress=False)
+    task = tasks[0]
+    drawn, trained_on = [], []
+    task.generator_module.register_forward_hook(lambda m, i, out: drawn.append(out.detach().clone()))
+    fake_step = task.fake_step
+    monkeypatch.setattr(task, "fake_step", lambda samples=None: (trained_on.append(samples), fake_step(samples))[1])
+    for reuse, passes in ((True, 3), (False, 4)):  # fake_updates = 3
+        drawn.clear(), trained_on.clear()
+        task.cfg.reuse_samples = reuse
+        out = task.train_step()
+        assert len(drawn) == passes and math.isfinite(out["fake"]) and math.isfinite(out["generator"])
+    assert trained_on == [None] * 3  # without reuse every fake update draws its own samples
+    task.cfg.reuse_samples = True
+    drawn.clear(), trained_on.clear()
+    task.train_step()
+    x0, _ = trained_on[0]
+    assert torch.equal(x0, drawn[0]) and trained_on[1:] == [None, None]  # drawn[0]: the generator step's own samples
+
+
+def test_distillation_with_reused_samples_improves_the_generator(tiny_teacher, tmp_path):
+    teacher_file, _ = tiny_teacher
+    cfg = tiny_config(distill={"steps": 300, "lr_generator": 3e-4, "reuse_samples": True}, eval={"every": 300})
+    records = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, None, tmp_path / "run", show_progress=False)["records"]
+    assert records[-1]["swd"] < 0.5 * records[0]["swd"], (records[0]["swd"], records[-1]["swd"])
+
+
+def test_compiled_networks_distill_as_eager_ones_and_switch_targets(tiny_teacher, tmp_path):
+    """run.compile: the networks are compiled in place, so weight files keep their keys, node files load into the
+    compiled target at each switch, and the weights end where eager ones do (up to the compiler's rounding)."""
+    teacher_file, _ = tiny_teacher
+    runs = {}
+    for compiled in (False, True):
+        cfg = tiny_config(network={"hidden": 64}, run={"compile": compiled},
+                          distill={"steps": 6, "switch_every": 2, "schedule": "fixed"}, eval={"every": 6})
+        path = DegradationPath.load(_shared_path(teacher_file, cfg, tmp_path / str(compiled)))
+        result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, tmp_path / f"run-{compiled}", show_progress=False)
+        runs[compiled] = result["switches"], read_weights(tmp_path / f"run-{compiled}" / "generator.safetensors")
+    assert runs[True][0] == runs[False][0] == [2, 4, 6]
+    eager, compiled = runs[False][1], runs[True][1]
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)

@@ -92,6 +92,8 @@ class DistillConfig:
     min_dwell: int = 10  # adaptive: generator steps on a node before it may advance (both bounds shrink so that
     #                      the walk reaches the teacher by half of distill.steps)
     max_dwell: int = 100  # adaptive: generator steps after which it advances regardless
+    reuse_samples: bool = False  # DMD2's order: the generator step first, and its samples (detached) train the fake
+    #                              score's first update, which so skips a generator forward pass
 
 
 @dataclass

@@ -21,7 +21,7 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import set_seed
 
 from disback.checkpoint import Checkpoints
-from disback.config import Config
+from disback.config import Config, RunConfig
 from disback.data import Data, to_units
 from disback.distributed import local, state, strided, wait, world
 from disback.errors import DisbackError
@@ -48,6 +48,9 @@ def accelerator(precision: str = "fp32") -> Accelerator:
     if _ACCELERATOR is None:
         state()  # the process group first, so that a CPU-only machine runs several processes over gloo
         _ACCELERATOR = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        # Training calls see fixed shapes, so cuDNN's search for the fastest convolution pays off after the first
+        # call (NVlabs/edm trains this way too)
+        torch.backends.cudnn.benchmark = torch.cuda.is_available()
     elif _ACCELERATOR.mixed_precision != mixed:
         raise DisbackError(f"this process already runs with precision {_ACCELERATOR.mixed_precision}; run.precision={precision} "
                            "needs a process of its own (one command per precision)")
@@ -65,16 +68,16 @@ def sharded(cfg: Config, acc: Accelerator) -> bool:
     return cfg.run.fsdp
 
 
-def speed_up(cfg: Config, *modules: torch.nn.Module) -> None:
+def speed_up(run: RunConfig, *modules: torch.nn.Module) -> None:
     """run.channels_last, run.compile and run.gradient_checkpointing, applied in place (state_dict keys unchanged)."""
     for module in modules:
-        if cfg.run.channels_last:
+        if run.channels_last:
             module.to(memory_format=torch.channels_last)
-        if cfg.run.gradient_checkpointing:
+        if run.gradient_checkpointing:
             for sub in module.modules():
                 if hasattr(sub, "enable_gradient_checkpointing") and getattr(sub, "_supports_gradient_checkpointing", False):
                     sub.enable_gradient_checkpointing()
-        if cfg.run.compile:
+        if run.compile:
             module.compile()
 
 
@@ -161,7 +164,7 @@ def train_teacher(cfg: Config, data: Data, out: Path, show_progress: bool = True
     acc = accelerator(cfg.run.precision)
     source = DataSource(data, cfg.network.num_classes, acc.device, cfg.seed)
     denoiser = build_denoiser(cfg.network, data.shape, cfg.edm.sigma_data)
-    speed_up(cfg, denoiser)
+    speed_up(cfg.run, denoiser)
     task = ScoreFitting(denoiser, source, batch=cfg.teacher.batch, lr=cfg.teacher.lr, edm=cfg.edm, accelerator=acc,
                         stage="teacher", ema_decay=cfg.teacher.ema_decay)
     train_loop(task, cfg.teacher.steps, log=MetricsLog(out / "metrics.jsonl"), eval_every=max(cfg.teacher.steps // 20, 1),
@@ -247,7 +250,7 @@ def record_path(cfg: Config, teacher_file: Path, out: Path, show_progress: bool 
     probe = DistanceProbe(teacher, *source(cfg.degrade.batch, share=False), cfg.edm, seed=cfg.seed)
     # psi starts at theta: a copy of the teacher, or zero LoRA adapters on it (network.lora_rank)
     degrading = Adapted(teacher, cfg.network.lora_rank) if cfg.network.lora_rank else copy.deepcopy(teacher).requires_grad_(True)
-    speed_up(cfg, degrading)
+    speed_up(cfg.run, degrading)
     path.add_node(degrading, 0, meta, 0.0)
     task = ScoreFitting(degrading, source, batch=cfg.degrade.batch, lr=cfg.degrade.lr, edm=cfg.edm, accelerator=acc,
                         stage="degrade", fsdp=sharded(cfg, acc))
@@ -332,7 +335,7 @@ def distill(cfg: Config, data: Data, teacher_file: Path, path: DegradationPath |
     # (a frozen base in bf16, the adapters trained in fp32), in Distillation.
     fake, target = fake_and_target(teacher, cfg.network.lora_rank, len(path))
     guide(target, cfg.text.guidance)  # text-to-image: classifier-free guidance on the target only (no-op otherwise)
-    speed_up(cfg, generator, fake, target)
+    speed_up(cfg.run, generator, fake, target)
     d = cfg.distill
     low, high = dwell_bounds(cfg, len(path))
     schedule = make_schedule(len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio, min_dwell=low, max_dwell=high)

@@ -263,13 +263,17 @@ class Distillation:
         (self.fake if trained else self.fake_module)(x_sigma, sigma, labels)
         return (self.head_trained if trained else self.head)(self.tap.take())
 
-    def fake_step(self) -> dict[str, float]:
-        """Fit the fake score to the generator's current samples (L_dsm on stopgrad(G(z))); for dmd2 also train the
-        GAN head (and through it the fake score's encoder) to tell real data from generated samples."""
-        z, labels = self.noise()
+    def fake_step(self, samples: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
+        """Fit the fake score to the generator's current samples (L_dsm on stopgrad(G(z))), or to ``samples`` (x0,
+        labels) that the generator step just drew; for dmd2 also train the GAN head (and through it the fake score's
+        encoder) to tell real data from generated samples."""
         with self.accelerator.autocast():  # bf16 when run.precision is bf16; a no-op otherwise
-            with torch.no_grad():
-                x0 = self.generator(z, labels)
+            if samples is None:
+                z, labels = self.noise()
+                with torch.no_grad():
+                    x0 = self.generator(z, labels)
+            else:
+                x0, labels = samples
             n = self.cfg.batch
             sigma, noise = shares(lognormal_sigma(n, self.edm.p_mean, self.edm.p_std, device=x0.device), x0)
             loss = dsm_loss(self.fake, x0, sigma, noise, self.edm.sigma_data, labels)
@@ -282,8 +286,9 @@ class Distillation:
         update(self.accelerator, self.opt_f, loss)
         return out
 
-    def generator_step(self) -> dict[str, float]:
-        """One generator update; returns its loss and the fake-target gap (the adaptive schedule's signal)."""
+    def generator_step(self) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor | None]]:
+        """One generator update; returns its loss and the fake-target gap (the adaptive schedule's signal), and the
+        samples (x0 detached, labels) it drew."""
         z, labels = self.noise()
         through = self.method.through_scores
         self._freeze_fake(True)  # gradients reach the generator only, whatever the method
@@ -306,15 +311,19 @@ class Distillation:
         # The gap is unweighted: EDM's weight would let the small noise levels, where both scores differ by fitting noise
         # alone, drown the large ones, where the distributions' differences show.
         out["gap"] = F.mse_loss(d_fake.detach().float(), d_target.detach().float()).item()
-        return out
+        return out, (x0.detach(), labels)
 
     def _freeze_fake(self, frozen: bool) -> None:
         for p in self.opt_f.param_groups[0]["params"]:  # the fake score's trained parameters (and the head's)
             p.requires_grad_(not frozen)
 
     def train_step(self) -> dict[str, float]:
-        fake = [self.fake_step() for _ in range(self.cfg.fake_updates)]
-        out = self.generator_step()
+        if self.cfg.reuse_samples:  # DMD2's order: the fake score's first update reuses the generator step's samples
+            out, samples = self.generator_step()
+            fake = [self.fake_step(samples if i == 0 else None) for i in range(self.cfg.fake_updates)]
+        else:
+            fake = [self.fake_step() for _ in range(self.cfg.fake_updates)]
+            out, _ = self.generator_step()
         for key in fake[0] if fake else ():
             out[key] = sum(f[key] for f in fake) / len(fake)
         out = mean_across(out)  # the gap steers the schedule: every process must see the same value
