@@ -8,7 +8,8 @@
 Variants (VARIANTS below): the baseline (plain distillation, fake score starts at the teacher), warm start only (fake
 score starts at the path's last node, target the teacher at once), DisBack as the paper does it (nodes every K_1/N
 stage-1 steps, target switched every M generator steps) and DisBack with distance-spaced nodes and adaptive
-switching. One teacher per data set (trained with seed 0) is shared by every seed and variant, so that seeds vary
+switching. "baseline, reused samples" (only when asked for by --variants) is the baseline in DMD2's order
+(distill.reuse_samples). One teacher per data set (trained with seed 0) is shared by every seed and variant, so that seeds vary
 stage 1 and distillation only and the variants differ only by what they are.
 
 For each data set, seed and variant it records the curve of the data set's measure; then, for 4x, 3x and 2x the
@@ -44,7 +45,10 @@ VARIANTS = {  # name -> (config overrides, whether it needs a degradation path)
     # the paper's recipe as the previous release ran it: 8 nodes every K_1/8 stage-1 steps, target moved every M steps
     "paper (steps + fixed)": ({"distill": {"schedule": "fixed"}, "degrade": {"spacing": "steps", "plateau": 0.0, "nodes": 8}}, True),
     "distance + adaptive": ({"distill": {"schedule": "adaptive"}, "degrade": {"spacing": "distance"}}, True),
+    # not backtracking: the baseline in DMD2's order, its samples reused for the fake score (asked for by --variants)
+    "baseline, reused samples": ({"distill": {"reuse_samples": True}}, False),
 }
+DEFAULT_VARIANTS = ["baseline", "warm start", "paper (steps + fixed)", "distance + adaptive"]
 PRESETS = {"digits": "digits", "fashion": "fashion"}  # data sets that need another preset than toy2d
 FACTORS = (4.0, 3.0, 2.0)
 METHODS = ["vsd", "dmd", "dmd2", "sid"]
@@ -311,7 +315,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the suite in a few minutes: 2-D data, small budgets")
     parser.add_argument("--data", nargs="+", help="default: the suite's")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the suite's")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="generator losses (default: the suite's); each is compared with its own baseline")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -8,32 +8,39 @@ One iteration is disback's own `Distillation.train_step` (the code every run use
 generator update, three networks (generator, fake score, frozen target). Models:
 
 adm64      the ADM ImageNet-64 UNet as diffusers' UNet2DModel (192/384/576/768 channels, 3 layers per block,
-           attention at 32/16/8, 1000 classes; about 296M parameters in this form), batch 40
+           attention at 32/16/8, 1000 classes; about 266M parameters in this form), batch 40
 sd15       Stable Diffusion 1.5's UNet2DConditionModel (860M) on 64x64x4 latents with 77x768 text embeddings, batch 8
 tiny, tiny-text   small versions of both, for a CPU
 
-Each configuration (precision, channels-last, ratio) reports seconds per iteration, images per second (generator
-samples per second) and peak GPU memory; the DisBack overhead is the time the loop waits at a target switch (the node
-was read ahead in the background; node_read_s is that read) measured directly, over the time between switches. Results are appended as JSON lines to --out as they
-come, so a run cut short keeps what it measured.
+Each configuration (ratio, channels-last, torch.compile, distill.reuse_samples) reports seconds per iteration, images
+per second (generator samples per second), peak GPU memory and what was still allocated when it began (0 up to the
+networks themselves, if the configuration before it was released), and the DisBack overhead: the time the loop waits at
+a target switch (the node was read ahead in the background; node_read_s is that read), over the time between
+switches. ``--reference`` adds, per ratio, the issue's reference: a plain eager loop in DMD2's order (bf16 autocast,
+the target in fp32, unfused AdamW, no checks), written here and not disback's code, timed the same way on the same
+device. Results are appended as JSON lines to --out as they come, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from disback import stages
-from disback.config import DistillConfig, EDMConfig
+from disback.config import DistillConfig, EDMConfig, RunConfig
 from disback.denoiser import EDMDenoiser
 from disback.generator import OneStepGenerator
+from disback.lora import fake_and_target, scratch
+from disback.losses import dmd_generator_loss, dsm_loss, karras_sigma, lognormal_sigma
 from disback.networks.unet import NOISE_SCALE, UNetBackbone
 from disback.path import DegradationPath, FixedSchedule, NodeReader
 from disback.tasks import Distillation
@@ -127,72 +134,189 @@ def measure_switch(model: str, folder: Path, repeats: int = 3) -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def measure(model: str, batch: int, ratios: list[int], layouts: list[bool], steps: int, warmup: int, folder: Path):
-    """Yield one result per (ratio, channels-last) configuration of ``model``."""
+class ReferenceLoop:
+    """The issue's reference, for comparison on the same device: a plain eager loop in DMD2's order (one generator
+    update, then ``ratio`` fake-score updates, the first on the generator's samples), bf16 autocast on a GPU, the
+    frozen target in fp32 (cast at every call), unfused AdamW, no finiteness checks, nothing logged."""
+
+    def __init__(self, teacher: nn.Module, shape: tuple[int, ...], classes: int, batch: int, ratio: int, device):
+        self.generator = OneStepGenerator(copy.deepcopy(teacher), 2.5)
+        self.fake, self.target = copy.deepcopy(teacher), copy.deepcopy(teacher).requires_grad_(False)
+        self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=1e-5, weight_decay=0.0)
+        self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=1e-5, weight_decay=0.0)
+        self.shape, self.classes, self.batch, self.ratio, self.device = shape, classes, batch, ratio, device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(self.batch, *self.shape, device=self.device)
+        return z, torch.randint(self.classes, (self.batch,), device=self.device) if self.classes else None
+
+    def train_step(self) -> None:
+        autocast = torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
+        z, labels = self.draw()
+        with autocast:
+            x0 = self.generator(z, labels)
+            sigma = karras_sigma(self.batch, 0.002, 80.0, device=self.device)
+            x_sigma = x0.detach() + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x0)
+            with torch.no_grad():
+                d_fake, d_target = self.fake(x_sigma, sigma, labels), self.target(x_sigma, sigma, labels)
+            loss = dmd_generator_loss(x0, d_fake, d_target)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        x0 = x0.detach()
+        for i in range(self.ratio):
+            with autocast:
+                if i:
+                    z, labels = self.draw()
+                    with torch.no_grad():
+                        x0 = self.generator(z, labels)
+                sigma = lognormal_sigma(self.batch, EDM.p_mean, EDM.p_std, device=self.device)
+                loss = dsm_loss(self.fake, x0, sigma, torch.randn_like(x0), EDM.sigma_data, labels)
+            self.opt_f.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_f.step()
+
+
+def configurations(args: argparse.Namespace) -> list[dict]:
+    """The configurations to time, in order: per ratio, the reference loop (with --reference), then disback's loop with
+    every combination of the channels-last, compile and reuse switches asked for."""
+    out = []
+    for ratio in args.ratio:
+        plain = {"channels_last": False, "compile": False, "checkpointing": False, "lora": 0}
+        if args.reference:
+            out.append({"loop": "reference", "ratio": ratio, **plain, "reuse": True})
+        out += [{"loop": "disback", "ratio": ratio, "channels_last": bool(cl), "compile": bool(co), "checkpointing": bool(ck),
+                 "lora": lo, "reuse": bool(re)}
+                for cl in args.channels_last for co in args.compile for ck in args.checkpointing for lo in args.lora
+                for re in args.reuse]
+    return out
+
+
+def disback_task(teacher: nn.Module, path: DegradationPath, shape: tuple[int, ...], classes: int, batch: int, steps: int,
+                 c: dict, acc) -> Distillation:
+    """disback's own distillation task on copies of ``teacher`` (LoRA: adapters on it), as `disback distill` builds it."""
+    generator = OneStepGenerator(copy.deepcopy(teacher), 2.5)
+    # LoRA adapters freeze their base and the bf16 target casts it: a copy of its own, so that the next rows start from
+    # the same fp32 teacher (the peak then holds one network more than a real run: allocated_before_GiB's worth)
+    fake, target = fake_and_target(copy.deepcopy(teacher) if c["lora"] else teacher, c["lora"], len(path))
+    stages.speed_up(RunConfig(channels_last=c["channels_last"], compile=c["compile"], gradient_checkpointing=c["checkpointing"]),
+                    generator, fake, target)
+    cfg = DistillConfig(steps=steps, batch=batch, lr_generator=1e-5, lr_fake=1e-5, fake_updates=c["ratio"], sigma_g=2.5,
+                        switch_every=10**9, sigma_min=0.002, sigma_max=80.0, reuse_samples=c["reuse"])
+    return Distillation(generator, fake, target, path, FixedSchedule(len(path), 10**9), cfg=cfg, edm=EDM, shape=shape,
+                        accelerator=acc, stage="benchmark", num_classes=classes)
+
+
+def two_node_path(teacher: nn.Module, rank: int, folder: Path) -> DegradationPath:
+    """A path of two different nodes (full weights, or LoRA adapters of ``rank``), so that a switch really loads
+    different weights."""
+    node = scratch(copy.deepcopy(teacher), rank)
+    path = DegradationPath.create(folder / f"path-{rank}", {"network": {"lora_rank": rank}}, replace=True)
+    path.add_node(node, 0, {})
+    with torch.no_grad():
+        for p in node.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    path.add_node(node, 1, {})
+    return path
+
+
+def allocated_gib() -> float | None:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int, folder: Path):
+    """Yield one result per configuration of ``model``."""
     acc = stages.accelerator("bf16" if torch.cuda.is_available() else "fp32")
     device = acc.device
     with torch.device(device):
         teacher, shape, classes = build(model, batch)
     params = sum(p.numel() for p in teacher.parameters())
-    path = DegradationPath.create(folder / f"path-{model}", {}, replace=True)
-    path.add_node(teacher, 0, {})
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.mul_(1.001)
-    path.add_node(teacher, 1, {})  # a second node, so that a switch really loads different weights
-    for ratio in ratios:
-        for channels_last in layouts:
-            generator = OneStepGenerator(copy.deepcopy(teacher), 2.5)
-            fake, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
-            for module in (generator, fake, target):
-                if channels_last:
-                    module.to(memory_format=torch.channels_last)
-            cfg = DistillConfig(steps=steps, batch=batch, lr_generator=1e-5, lr_fake=1e-5, fake_updates=ratio, sigma_g=2.5,
-                                switch_every=10**9, sigma_min=0.002, sigma_max=80.0)
-            task = Distillation(generator, fake, target, path, FixedSchedule(len(path), 10**9), cfg=cfg, edm=EDM,
-                                shape=shape, accelerator=acc, stage="benchmark", num_classes=classes)
-            for _ in range(warmup):
-                task.train_step()
-            sync()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            for _ in range(steps):
-                task.train_step()
-            sync()
-            seconds = (time.perf_counter() - start) / steps
-            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-            switch_s, read_s = switch_cost(task, 1)
-            yield {"model": model, "params_M": round(params / 1e6, 1), "batch": batch, "ratio": f"{ratio}:1",
-                   "precision": acc.mixed_precision, "channels_last": channels_last, "s_per_iter": round(seconds, 4),
-                   "s_per_update": round(seconds / (ratio + 1), 4), "images_per_s": round(batch / seconds, 1), "peak_GiB": None if peak is None else round(peak, 2),
-                   "switch_s": round(switch_s, 3), "node_read_s": round(read_s, 3),
-                   "overhead_switch_every_100": round(switch_s / (100 * seconds), 4),
-                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-            del task, generator, fake, target
-            acc.free_memory()  # Accelerate keeps references to every prepared model and optimiser
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    paths: dict[int, DegradationPath] = {}
+    for c in configs:
+        before = allocated_gib()  # the teacher alone, if the configuration before this one was released
+        if c["loop"] == "reference":
+            task = ReferenceLoop(teacher, shape, classes, batch, c["ratio"], device)
+            alive = [weakref.ref(m) for m in (task.generator, task.fake, task.target)]
+        else:
+            if c["lora"] not in paths:
+                paths[c["lora"]] = two_node_path(teacher, c["lora"], folder)
+            task = disback_task(teacher, paths[c["lora"]], shape, classes, batch, steps, c, acc)
+            alive = [weakref.ref(m) for m in (task.generator_module, task.fake_module, task.target)]
+        start = time.perf_counter()
+        for _ in range(warmup):  # compilation, cuDNN's algorithm search, allocator warm-up
+            task.train_step()
+        sync()
+        warmup_s = time.perf_counter() - start
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(steps):
+            task.train_step()
+        sync()
+        seconds = (time.perf_counter() - start) / steps
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        switch_s, read_s = switch_cost(task, 1) if c["loop"] == "disback" else (None, None)
+        ratio = c["ratio"]
+        yield {"model": model, "params_M": round(params / 1e6, 1), "batch": batch, **c, "ratio": f"{ratio}:1",
+               "precision": acc.mixed_precision, "s_per_iter": round(seconds, 4), "s_per_update": round(seconds / (ratio + 1), 4),
+               "images_per_s": round(batch / seconds, 1), "warmup_s": round(warmup_s, 1),
+               "peak_GiB": None if peak is None else round(peak, 2), "allocated_before_GiB": None if before is None else round(before, 2),
+               "switch_s": None if switch_s is None else round(switch_s, 3), "node_read_s": None if read_s is None else round(read_s, 3),
+               "overhead_switch_every_100": None if switch_s is None else round(switch_s / (100 * seconds), 4),
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        del task
+        acc.free_memory()  # Accelerate keeps references to every prepared model and optimiser
+        gc.collect()
+        torch._dynamo.reset()  # compiled code holds its networks too
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if any(ref() is not None for ref in alive):
+            print(f"warning: {model} {c}: networks still referenced after release; the next peak includes them", flush=True)
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table of --out's results: per model and ratio, each configuration against the reference loop."""
+    lines = ["| network | batch | fake:gen | loop | reuse | compile | channels-last | checkpointing | LoRA | s / iteration | "
+             "vs reference | images / s | peak GiB | before GiB | warm-up s | switch s |", "|" + "---|" * 16]
+    for r in rows:
+        if "s_per_iter" not in r:
+            continue
+        ref = next((q for q in rows if q.get("loop") == "reference" and (q["model"], q["ratio"]) == (r["model"], r["ratio"])), None)
+        speed = f"{ref['s_per_iter'] / r['s_per_iter']:.2f}x" if ref else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ratio']} | {r.get('loop', 'disback')} | {r.get('reuse')} | "
+                     f"{r.get('compile')} | {r['channels_last']} | {r.get('checkpointing')} | {r.get('lora')} | {r['s_per_iter']} | "
+                     f"{speed} | {r['images_per_s']} | {r['peak_GiB']} | {r.get('allocated_before_GiB')} | {r.get('warmup_s')} | "
+                     f"{r['switch_s']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", default=["adm64", "sd15"], choices=["adm64", "sd15", "tiny", "tiny-text"])
     parser.add_argument("--ratio", nargs="+", type=int, default=[1, 5], help="fake-score updates per generator update")
-    parser.add_argument("--channels-last", nargs="+", type=int, default=[0, 1], help="0 and/or 1")
+    parser.add_argument("--channels-last", nargs="+", type=int, default=[0], help="0 and/or 1")
+    parser.add_argument("--compile", nargs="+", type=int, default=[0], help="torch.compile the networks: 0 and/or 1")
+    parser.add_argument("--checkpointing", nargs="+", type=int, default=[0], help="gradient checkpointing: 0 and/or 1")
+    parser.add_argument("--lora", nargs="+", type=int, default=[0], help="LoRA ranks of the fake score (0: a full copy)")
+    parser.add_argument("--reuse", nargs="+", type=int, default=[0, 1], help="distill.reuse_samples: 0 and/or 1")
+    parser.add_argument("--reference", action="store_true", help="also time the plain reference loop (see above)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="runs/gpu_step.jsonl")
     parser.add_argument("--switch-only", action="store_true", help="only the cost of a target switch, no training")
+    parser.add_argument("--table", metavar="JSONL", help="print a markdown table of earlier results and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in open(args.table) if line.strip()]))
+        return
     batches = {"adm64": 40, "sd15": 8, "tiny": 8, "tiny-text": 4}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.model:
-            layouts = [bool(c) for c in args.channels_last]
             results = ([measure_switch(model, Path(tmp))] if args.switch_only else
-                       measure(model, batches[model], args.ratio, layouts, args.steps, args.warmup, Path(tmp)))
+                       measure(model, batches[model], configurations(args), args.steps, args.warmup, Path(tmp)))
             for result in results:
                 with open(out, "a") as fh:
                     fh.write(json.dumps(result) + "\n")
