@@ -43,9 +43,12 @@ def metrics(folder: Path) -> list[dict]:
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, fsdp):
     demo = ["-m", "disback", "demo", *TINY_ARGS, *SETTINGS]
-    one = subprocess.Popen([sys.executable, *demo, "--out", str(tmp_path / "one")], env=env(),
+    order = ["--set", "distill.reuse_samples=true"] if fsdp else []
+    one = subprocess.Popen([sys.executable, *demo, *order, "--out", str(tmp_path / "one")], env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sharded = ["--set", "run.fsdp=true"] if fsdp else []  # stages 1 and 2 shard their networks over the 2 processes
+    # stages 1 and 2 shard their networks over the 2 processes; this run also takes DMD2's order (reused samples), so
+    # that both orders are checked across processes without a third run
+    sharded = ["--set", "run.fsdp=true", "--set", "distill.reuse_samples=true"] if fsdp else []
     two = subprocess.run([*TORCHRUN, free_port(), *demo, *sharded, "--out", str(tmp_path / "two")], env=env(),
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

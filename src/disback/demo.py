@@ -109,6 +109,7 @@ def run_demo(cfg: Config, out: Path, show_progress: bool = True, resume: bool = 
             "nodes": len(path),
             "generator_steps": cfg.distill.steps,
             "fake_updates_per_generator_step": cfg.distill.fake_updates,
+            "reuse_samples": cfg.distill.reuse_samples,
             "method": cfg.distill.method,
             "node_spacing": cfg.degrade.spacing,
             "target_schedule": cfg.distill.schedule,

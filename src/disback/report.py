@@ -153,6 +153,7 @@ def factor_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REUSED = " (the first on the generator step's own samples: distill.reuse_samples, DMD2's order)"
 MEASURES_TEXT = {
     "points": """- swd: sliced Wasserstein-1 distance to a held-out reference set, in the data's own units (lower is better).
 - mmd: squared maximum mean discrepancy with a sum of Gaussian kernels (lower is better).
@@ -204,7 +205,7 @@ Generator iterations to other thresholds ({summary['measure']} at most k x the t
 - **Stage 2, Distribution Backtracking** (`disback/`): fake score starts at the last node; {schedule_text(b)}.
 - **Baseline** (`baseline/`): the same loop with the teacher as the only node (fake score starts at the teacher).
 - Both: {b['generator_steps']} generator steps, batch {b['batch']}, {b['fake_updates_per_generator_step']} fake-score
-  update(s) per generator step, generator loss `{b.get('method', 'dmd')}`, same seeds; evaluated every {b['eval_every']}
+  update(s) per generator step{REUSED if b.get('reuse_samples') else ''}, generator loss `{b.get('method', 'dmd')}`, same seeds; evaluated every {b['eval_every']}
   iterations on {b['eval_samples']} samples from fixed noise.
 
 ## Measures
