@@ -3,6 +3,8 @@
     python benchmarks/gpu_step.py --model adm64 sd15 --out runs/gpu_step.jsonl     # on a GPU
     python benchmarks/gpu_step.py --model tiny tiny-text --out runs/gpu_step.jsonl # anywhere, to check it works
     python benchmarks/gpu_step.py --switch-only --out runs/switch.jsonl           # a target switch only (a CPU is enough)
+    python benchmarks/gpu_step.py --steps 0 --batch 2 --reference ...             # the work (FLOPs) of one iteration only
+    python benchmarks/gpu_step.py --per-call --batch 1 --out runs/flops.jsonl     # the work of one denoiser call
 
 One iteration is disback's own `Distillation.train_step` (the code every run uses): `ratio` fake-score updates and one
 generator update, three networks (generator, fake score, frozen target). Models:
@@ -18,7 +20,8 @@ networks themselves, if the configuration before it was released), and the DisBa
 a target switch (the node was read ahead in the background; node_read_s is that read), over the time between
 switches. ``--reference`` adds, per ratio, the issue's reference: a plain eager loop in DMD2's order (bf16 autocast,
 the target in fp32, unfused AdamW, no checks), written here and not disback's code, timed the same way on the same
-device. Results are appended as JSON lines to --out as they come, so a run cut short keeps what it measured.
+device. Every row also counts the work of one iteration (torch's FlopCounterMode: matrix products, convolutions,
+attention; exact, and linear in the batch), and with timings the TFLOP/s achieved. Results are appended as JSON lines to --out as they come, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from disback import stages
 from disback.config import DistillConfig, EDMConfig, RunConfig
@@ -103,6 +107,23 @@ def switch_cost(task: Distillation, index: int) -> tuple[float, float]:
     task.nodes.load(index, task.target)
     sync()
     return time.perf_counter() - t, read_s
+
+
+def count_call(model: str, batch: int) -> dict:
+    """--per-call: the work of one denoiser call, forward and forward + backward (weights and input gradients), at
+    ``batch``; fits a machine that cannot hold a whole distillation step of the model."""
+    device = stages.accelerator().device
+    with torch.device(device):
+        denoiser, shape, classes = build(model, batch)
+    x = torch.randn(batch, *shape, device=device, requires_grad=True)
+    sigma = torch.ones(batch, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device) if classes else None
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        denoiser(x, sigma, labels)
+    with FlopCounterMode(display=False) as both:
+        denoiser(x, sigma, labels).sum().backward()
+    return {"model": model, "per_call": True, "batch": batch, "GFLOP_forward_per_image": round(forward.get_total_flops() / batch / 1e9, 2),
+            "GFLOP_forward_backward_per_image": round(both.get_total_flops() / batch / 1e9, 2)}
 
 
 def measure_switch(model: str, folder: Path, repeats: int = 3) -> dict:
@@ -225,6 +246,28 @@ def allocated_gib() -> float | None:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def timed(task, c: dict, batch: int, steps: int, warmup: int) -> dict:
+    """Seconds per iteration after ``warmup`` iterations, peak memory, and (disback's loop) a target switch."""
+    start = time.perf_counter()
+    for _ in range(warmup):  # compilation, cuDNN's algorithm search, allocator warm-up
+        task.train_step()
+    sync()
+    warmup_s = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        task.train_step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    switch_s, read_s = switch_cost(task, 1) if c["loop"] == "disback" else (None, None)
+    return {"s_per_iter": round(seconds, 4), "s_per_update": round(seconds / (c["ratio"] + 1), 4),
+            "images_per_s": round(batch / seconds, 1), "warmup_s": round(warmup_s, 1), "peak_GiB": None if peak is None else round(peak, 2),
+            "switch_s": None if switch_s is None else round(switch_s, 3), "node_read_s": None if read_s is None else round(read_s, 3),
+            "overhead_switch_every_100": None if switch_s is None else round(switch_s / (100 * seconds), 4)}
+
+
 def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int, folder: Path):
     """Yield one result per configuration of ``model``."""
     acc = stages.accelerator("bf16" if torch.cuda.is_available() else "fp32")
@@ -243,28 +286,19 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
                 paths[c["lora"]] = two_node_path(teacher, c["lora"], folder)
             task = disback_task(teacher, paths[c["lora"]], shape, classes, batch, steps, c, acc)
             alive = [weakref.ref(m) for m in (task.generator_module, task.fake_module, task.target)]
-        start = time.perf_counter()
-        for _ in range(warmup):  # compilation, cuDNN's algorithm search, allocator warm-up
-            task.train_step()
-        sync()
-        warmup_s = time.perf_counter() - start
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            task.train_step()
-        sync()
-        seconds = (time.perf_counter() - start) / steps
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        switch_s, read_s = switch_cost(task, 1) if c["loop"] == "disback" else (None, None)
-        ratio = c["ratio"]
-        yield {"model": model, "params_M": round(params / 1e6, 1), "batch": batch, **c, "ratio": f"{ratio}:1",
-               "precision": acc.mixed_precision, "s_per_iter": round(seconds, 4), "s_per_update": round(seconds / (ratio + 1), 4),
-               "images_per_s": round(batch / seconds, 1), "warmup_s": round(warmup_s, 1),
-               "peak_GiB": None if peak is None else round(peak, 2), "allocated_before_GiB": None if before is None else round(before, 2),
-               "switch_s": None if switch_s is None else round(switch_s, 3), "node_read_s": None if read_s is None else round(read_s, 3),
-               "overhead_switch_every_100": None if switch_s is None else round(switch_s / (100 * seconds), 4),
+        row = {"model": model, "params_M": round(params / 1e6, 1), "batch": batch, **c, "ratio": f"{c['ratio']}:1",
+               "precision": acc.mixed_precision, "allocated_before_GiB": None if before is None else round(before, 2),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        if steps:
+            row.update(timed(task, c, batch, steps, warmup))
+        if not c["compile"]:  # the same work as eager, and counting would make the compiler start again
+            with FlopCounterMode(display=False) as counter:  # one more iteration, its matrix and convolution work counted
+                task.train_step()
+            flops = counter.get_total_flops()
+            row.update({"TFLOP_per_iter": round(flops / 1e12, 3), "GFLOP_per_image": round(flops / batch / 1e9, 2)})
+            if steps:
+                row["TFLOP_per_s"] = round(flops / 1e12 / row["s_per_iter"], 3)
+        yield row
         del task
         acc.free_memory()  # Accelerate keeps references to every prepared model and optimiser
         gc.collect()
@@ -278,16 +312,16 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
 def table(rows: list[dict]) -> str:
     """A markdown table of --out's results: per model and ratio, each configuration against the reference loop."""
     lines = ["| network | batch | fake:gen | loop | reuse | compile | channels-last | checkpointing | LoRA | s / iteration | "
-             "vs reference | images / s | peak GiB | before GiB | warm-up s | switch s |", "|" + "---|" * 16]
-    for r in rows:
-        if "s_per_iter" not in r:
-            continue
-        ref = next((q for q in rows if q.get("loop") == "reference" and (q["model"], q["ratio"]) == (r["model"], r["ratio"])), None)
-        speed = f"{ref['s_per_iter'] / r['s_per_iter']:.2f}x" if ref else ""
-        lines.append(f"| {r['model']} | {r['batch']} | {r['ratio']} | {r.get('loop', 'disback')} | {r.get('reuse')} | "
-                     f"{r.get('compile')} | {r['channels_last']} | {r.get('checkpointing')} | {r.get('lora')} | {r['s_per_iter']} | "
-                     f"{speed} | {r['images_per_s']} | {r['peak_GiB']} | {r.get('allocated_before_GiB')} | {r.get('warmup_s')} | "
-                     f"{r['switch_s']} |")
+             "vs reference | images / s | peak GiB | before GiB | warm-up s | switch s | GFLOP / image | TFLOP/s |",
+             "|" + "---|" * 18]
+    for r in (r for r in rows if "model" in r and "ratio" in r):
+        ref = next((q for q in rows if q.get("loop") == "reference" and q.get("s_per_iter")
+                    and (q["model"], q["ratio"]) == (r["model"], r["ratio"])), None)
+        speed = f"{ref['s_per_iter'] / r['s_per_iter']:.2f}x" if ref and r.get("s_per_iter") else ""
+        cells = [r["model"], r["batch"], r["ratio"], r.get("loop", "disback")] + [r.get(k) for k in (
+            "reuse", "compile", "channels_last", "checkpointing", "lora", "s_per_iter")] + [speed] + [r.get(k) for k in (
+            "images_per_s", "peak_GiB", "allocated_before_GiB", "warmup_s", "switch_s", "GFLOP_per_image", "TFLOP_per_s")]
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -301,10 +335,12 @@ def main() -> None:
     parser.add_argument("--lora", nargs="+", type=int, default=[0], help="LoRA ranks of the fake score (0: a full copy)")
     parser.add_argument("--reuse", nargs="+", type=int, default=[0, 1], help="distill.reuse_samples: 0 and/or 1")
     parser.add_argument("--reference", action="store_true", help="also time the plain reference loop (see above)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed iterations; 0: count the work of one iteration only")
+    parser.add_argument("--batch", type=int, help="another batch than the model's (e.g. 1, to count work on a CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="runs/gpu_step.jsonl")
     parser.add_argument("--switch-only", action="store_true", help="only the cost of a target switch, no training")
+    parser.add_argument("--per-call", action="store_true", help="only the work of one denoiser call (a CPU is enough)")
     parser.add_argument("--table", metavar="JSONL", help="print a markdown table of earlier results and stop")
     args = parser.parse_args()
     if args.table:
@@ -315,8 +351,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.model:
-            results = ([measure_switch(model, Path(tmp))] if args.switch_only else
-                       measure(model, batches[model], configurations(args), args.steps, args.warmup, Path(tmp)))
+            batch = args.batch or batches[model]
+            if args.switch_only:
+                results = [measure_switch(model, Path(tmp))]
+            elif args.per_call:
+                results = [count_call(model, batch)]
+            else:
+                results = measure(model, batch, configurations(args), args.steps, args.warmup, Path(tmp))
             for result in results:
                 with open(out, "a") as fh:
                     fh.write(json.dumps(result) + "\n")
