@@ -14,19 +14,22 @@ adm64      the ADM ImageNet-64 UNet as diffusers' UNet2DModel (192/384/576/768 c
 sd15       Stable Diffusion 1.5's UNet2DConditionModel (860M) on 64x64x4 latents with 77x768 text embeddings, batch 8
 tiny, tiny-text   small versions of both, for a CPU
 
-Each configuration (ratio, channels-last, torch.compile, distill.reuse_samples) reports seconds per iteration, images
-per second (generator samples per second), peak GPU memory and what was still allocated when it began (0 up to the
-networks themselves, if the configuration before it was released), and the DisBack overhead: the time the loop waits at
-a target switch (the node was read ahead in the background; node_read_s is that read), over the time between
-switches. ``--reference`` adds, per ratio, the issue's reference: a plain eager loop in DMD2's order (bf16 autocast,
-the target in fp32, unfused AdamW, no checks), written here and not disback's code, timed the same way on the same
-device. Every row also counts the work of one iteration (torch's FlopCounterMode: matrix products, convolutions,
-attention; exact, and linear in the batch), and with timings the TFLOP/s achieved. Results are appended as JSON lines to --out as they come, so a run cut short keeps what it measured.
+Each configuration (ratio, reused samples, torch.compile, channels-last, gradient checkpointing, LoRA rank) reports
+seconds per iteration, images per second (generator samples per second), peak GPU memory and what was allocated when
+it began (the teacher alone, if the configuration before it was released). The rows train over the baseline's
+one-node path; DisBack's overhead, a target switch, is measured on its own (--switch-only: the time the loop waits at
+a switch when the node was read ahead in the background, node_read_s being that read). ``--reference`` adds, per
+ratio, the issue's reference: a plain eager loop in DMD2's order (bf16 autocast, the target in fp32, unfused AdamW, no
+checks), written here and not disback's code, timed the same way on the same device. Every eager row also counts the
+work of one iteration (torch's FlopCounterMode: matrix products, convolutions, attention; linear in the batch), and
+with timings the TFLOP/s achieved. Results are appended as JSON lines to --out as they come, so a run cut short keeps
+what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from disback import stages
@@ -94,19 +98,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def switch_cost(task: Distillation, index: int) -> tuple[float, float]:
-    """A target switch as the run makes it: the node was read ahead in the background (disback.path.NodeReader) while
-    the generator trained, so the loop waits only for the copy into the target. Returns (seconds the loop waits,
-    seconds the background read took)."""
-    t = time.perf_counter()
-    task.nodes.prefetch(index)
-    task.nodes.ahead[1].result()
-    read_s = time.perf_counter() - t
-    sync()
-    t = time.perf_counter()
-    task.nodes.load(index, task.target)
-    sync()
-    return time.perf_counter() - t, read_s
+@contextlib.contextmanager
+def counting():
+    """torch's FlopCounterMode; on a CPU with attention through the math kernel, since the counter has no formula for
+    the CPU's flash-attention kernel and would count attention as no work (on a GPU its attention kernels are counted)."""
+    with contextlib.ExitStack() as stack:
+        if not torch.cuda.is_available():
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield stack.enter_context(FlopCounterMode(display=False))
 
 
 def count_call(model: str, batch: int) -> dict:
@@ -118,9 +117,9 @@ def count_call(model: str, batch: int) -> dict:
     x = torch.randn(batch, *shape, device=device, requires_grad=True)
     sigma = torch.ones(batch, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device) if classes else None
-    with FlopCounterMode(display=False) as forward, torch.no_grad():
+    with counting() as forward, torch.no_grad():
         denoiser(x, sigma, labels)
-    with FlopCounterMode(display=False) as both:
+    with counting() as both:
         denoiser(x, sigma, labels).sum().backward()
     return {"model": model, "per_call": True, "batch": batch, "GFLOP_forward_per_image": round(forward.get_total_flops() / batch / 1e9, 2),
             "GFLOP_forward_backward_per_image": round(both.get_total_flops() / batch / 1e9, 2)}
@@ -128,12 +127,14 @@ def count_call(model: str, batch: int) -> dict:
 
 def measure_switch(model: str, folder: Path, repeats: int = 3) -> dict:
     """--switch-only: a target switch at full size without training (fits a CPU machine): reading the node directly at
-    the switch (as the loop did before NodeReader) against reading it ahead and only copying it in at the switch."""
+    the switch (as the loop did before NodeReader) against reading it ahead (disback.path.NodeReader, while the
+    generator trains) so that the loop waits only for the copy into the target."""
     teacher, _, _ = build(model, 1)
     path = DegradationPath.create(folder / f"switch-{model}", {}, replace=True)
     path.add_node(teacher, 0, {})
     path.add_node(teacher, 1, {})
-    target = copy.deepcopy(teacher).to(stages.accelerator().device)
+    bf16 = torch.cuda.is_available()  # the target as a bf16 run holds it
+    target = copy.deepcopy(teacher).to(stages.accelerator("bf16" if bf16 else "fp32").device, dtype=torch.bfloat16 if bf16 else None)
     direct, waited, read = [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -229,16 +230,11 @@ def disback_task(teacher: nn.Module, path: DegradationPath, shape: tuple[int, ..
                         accelerator=acc, stage="benchmark", num_classes=classes)
 
 
-def two_node_path(teacher: nn.Module, rank: int, folder: Path) -> DegradationPath:
-    """A path of two different nodes (full weights, or LoRA adapters of ``rank``), so that a switch really loads
-    different weights."""
-    node = scratch(copy.deepcopy(teacher), rank)
+def one_node_path(teacher: nn.Module, rank: int, folder: Path) -> DegradationPath:
+    """The baseline's path (the teacher alone; LoRA: its zero adapters), so that no row spends its time loading
+    nodes; a target switch is measured on its own (--switch-only)."""
     path = DegradationPath.create(folder / f"path-{rank}", {"network": {"lora_rank": rank}}, replace=True)
-    path.add_node(node, 0, {})
-    with torch.no_grad():
-        for p in node.parameters():
-            p.add_(1e-3 * torch.randn_like(p))
-    path.add_node(node, 1, {})
+    path.add_node(scratch(copy.deepcopy(teacher), rank), 0, {})
     return path
 
 
@@ -247,12 +243,13 @@ def allocated_gib() -> float | None:
 
 
 def timed(task, c: dict, batch: int, steps: int, warmup: int) -> dict:
-    """Seconds per iteration after ``warmup`` iterations, peak memory, and (disback's loop) a target switch."""
+    """Seconds per iteration after ``warmup`` iterations, and peak memory."""
     start = time.perf_counter()
     for _ in range(warmup):  # compilation, cuDNN's algorithm search, allocator warm-up
         task.train_step()
     sync()
     warmup_s = time.perf_counter() - start
+    print(f"warm-up done in {warmup_s:.1f} s: {c}", flush=True)  # in the log, should the time limit cut the row
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -261,11 +258,8 @@ def timed(task, c: dict, batch: int, steps: int, warmup: int) -> dict:
     sync()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    switch_s, read_s = switch_cost(task, 1) if c["loop"] == "disback" else (None, None)
     return {"s_per_iter": round(seconds, 4), "s_per_update": round(seconds / (c["ratio"] + 1), 4),
-            "images_per_s": round(batch / seconds, 1), "warmup_s": round(warmup_s, 1), "peak_GiB": None if peak is None else round(peak, 2),
-            "switch_s": None if switch_s is None else round(switch_s, 3), "node_read_s": None if read_s is None else round(read_s, 3),
-            "overhead_switch_every_100": None if switch_s is None else round(switch_s / (100 * seconds), 4)}
+            "images_per_s": round(batch / seconds, 1), "warmup_s": round(warmup_s, 1), "peak_GiB": None if peak is None else round(peak, 2)}
 
 
 def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int, folder: Path):
@@ -283,7 +277,7 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
             alive = [weakref.ref(m) for m in (task.generator, task.fake, task.target)]
         else:
             if c["lora"] not in paths:
-                paths[c["lora"]] = two_node_path(teacher, c["lora"], folder)
+                paths[c["lora"]] = one_node_path(teacher, c["lora"], folder)
             task = disback_task(teacher, paths[c["lora"]], shape, classes, batch, steps, c, acc)
             alive = [weakref.ref(m) for m in (task.generator_module, task.fake_module, task.target)]
         row = {"model": model, "params_M": round(params / 1e6, 1), "batch": batch, **c, "ratio": f"{c['ratio']}:1",
@@ -292,7 +286,7 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
         if steps:
             row.update(timed(task, c, batch, steps, warmup))
         if not c["compile"]:  # the same work as eager, and counting would make the compiler start again
-            with FlopCounterMode(display=False) as counter:  # one more iteration, its matrix and convolution work counted
+            with counting() as counter:  # one more iteration, its work counted
                 task.train_step()
             flops = counter.get_total_flops()
             row.update({"TFLOP_per_iter": round(flops / 1e12, 3), "GFLOP_per_image": round(flops / batch / 1e9, 2)})
@@ -301,8 +295,8 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
         yield row
         del task
         acc.free_memory()  # Accelerate keeps references to every prepared model and optimiser
-        gc.collect()
         torch._dynamo.reset()  # compiled code holds its networks too
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if any(ref() is not None for ref in alive):
@@ -312,15 +306,15 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
 def table(rows: list[dict]) -> str:
     """A markdown table of --out's results: per model and ratio, each configuration against the reference loop."""
     lines = ["| network | batch | fake:gen | loop | reuse | compile | channels-last | checkpointing | LoRA | s / iteration | "
-             "vs reference | images / s | peak GiB | before GiB | warm-up s | switch s | GFLOP / image | TFLOP/s |",
-             "|" + "---|" * 18]
+             "vs reference | images / s | peak GiB | before GiB | warm-up s | GFLOP / image | TFLOP/s |",
+             "|" + "---|" * 17]
     for r in (r for r in rows if "model" in r and "ratio" in r):
         ref = next((q for q in rows if q.get("loop") == "reference" and q.get("s_per_iter")
                     and (q["model"], q["ratio"]) == (r["model"], r["ratio"])), None)
         speed = f"{ref['s_per_iter'] / r['s_per_iter']:.2f}x" if ref and r.get("s_per_iter") else ""
         cells = [r["model"], r["batch"], r["ratio"], r.get("loop", "disback")] + [r.get(k) for k in (
             "reuse", "compile", "channels_last", "checkpointing", "lora", "s_per_iter")] + [speed] + [r.get(k) for k in (
-            "images_per_s", "peak_GiB", "allocated_before_GiB", "warmup_s", "switch_s", "GFLOP_per_image", "TFLOP_per_s")]
+            "images_per_s", "peak_GiB", "allocated_before_GiB", "warmup_s", "GFLOP_per_image", "TFLOP_per_s")]
         lines.append("| " + " | ".join("" if v is None else str(v) for v in cells) + " |")
     return "\n".join(lines)
 
