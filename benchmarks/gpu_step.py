@@ -93,6 +93,10 @@ def build(model: str, batch: int) -> tuple[nn.Module, tuple[int, ...], int]:
     return EDMDenoiser(TextBackbone(unet, batch, 77, 768 if big else 32), EDM.sigma_data), (4, 64 if big else 16, 64 if big else 16), 0
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -153,7 +157,7 @@ def measure_switch(model: str, folder: Path, repeats: int = 3) -> dict:
     return {"model": model, "params_M": round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
             "node_MB": round((path.root / path.nodes[1].file).stat().st_size / 1e6), "switch_direct_s": round(min(direct), 3),
             "switch_prefetched_s": round(min(waited), 3), "node_read_s": round(min(read), 3), "repeats": repeats,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "device": device_name()}
 
 
 class ReferenceLoop:
@@ -282,7 +286,7 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
             alive = [weakref.ref(m) for m in (task.generator_module, task.fake_module, task.target)]
         row = {"model": model, "params_M": round(params / 1e6, 1), "batch": batch, **c, "ratio": f"{c['ratio']}:1",
                "precision": acc.mixed_precision, "allocated_before_GiB": None if before is None else round(before, 2),
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+               "device": device_name()}
         if steps:
             row.update(timed(task, c, batch, steps, warmup))
         if not c["compile"]:  # the same work as eager, and counting would make the compiler start again
