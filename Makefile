@@ -9,7 +9,10 @@ STAMP  := $(VENV)/.installed
 # `--preset fashion` says how to get it.
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install clean
+# Two test processes: the suite is mostly single-threaded (one torch thread per test) and these machines have 2 cores.
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +28,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/disback demo --resume $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format) and import-linter (the layers in pyproject.toml: dependencies point one way)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

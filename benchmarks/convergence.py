@@ -15,7 +15,8 @@ stage 1 and distillation only and the variants differ only by what they are.
 For each data set, seed and variant it records the curve of the data set's measure; then, for 4x, 3x and 2x the
 teacher's value and for the baseline's final value, the generator steps and wall-clock seconds to get there, stage
 1 included. Writes results.json, summary.md (speed-ups, one column per data set: what goes into the README),
-table.md (summary and the full per-threshold tables, for BENCHMARKS.md) and one curves-<data>.png per data set. --jobs runs (data, seed, method) jobs in parallel processes, one thread each; each
+table.md (summary and the full per-threshold tables, for BENCHMARKS.md) and one curves-<data>.png per data set.
+--jobs runs (data, seed, method) jobs in parallel processes, one thread each; each
 writes OUT/<data>/seed-<k>/<method>/result.json when done, and --reuse rebuilds the tables from those.
 """
 
@@ -34,16 +35,20 @@ from pathlib import Path
 import torch
 
 from disback import stages
-from disback.config import build_config, merge, parse_overrides
+from disback.config import build_config, choices, merge, parse_overrides
 from disback.data import load_data
-from disback.demo import curve_of, first_reaching
-from disback.weights import write_json, write_text
+from disback.jobs.summary import curve_of, first_reaching
+from disback.stages.common import metrics_for
+from disback.storage.files import write_json, write_text
 
 VARIANTS = {  # name -> (config overrides, whether it needs a degradation path)
     "baseline": ({}, False),
     "warm start": ({"distill": {"schedule": "warm_start"}}, True),  # stage 1 as the preset has it
     # the paper's recipe as the previous release ran it: 8 nodes every K_1/8 stage-1 steps, target moved every M steps
-    "paper (steps + fixed)": ({"distill": {"schedule": "fixed"}, "degrade": {"spacing": "steps", "plateau": 0.0, "nodes": 8}}, True),
+    "paper (steps + fixed)": (
+        {"distill": {"schedule": "fixed"}, "degrade": {"spacing": "steps", "plateau": 0.0, "nodes": 8}},
+        True,
+    ),
     "distance + adaptive": ({"distill": {"schedule": "adaptive"}, "degrade": {"spacing": "distance"}}, True),
     # not backtracking: the baseline in DMD2's order, its samples reused for the fake score (asked for by --variants)
     "baseline, reused samples": ({"distill": {"reuse_samples": True}}, False),
@@ -51,23 +56,39 @@ VARIANTS = {  # name -> (config overrides, whether it needs a degradation path)
 DEFAULT_VARIANTS = ["baseline", "warm start", "paper (steps + fixed)", "distance + adaptive"]
 PRESETS = {"digits": "digits", "fashion": "fashion"}  # data sets that need another preset than toy2d
 FACTORS = (4.0, 3.0, 2.0)
-METHODS = ["vsd", "dmd", "dmd2", "sid"]
+METHODS = list(choices.METHODS)
 QUICK = {  # a few minutes on 2 CPU cores: smaller budgets, the same code
-    "teacher": {"steps": 1500}, "degrade": {"steps": 200, "nodes": 4}, "distill": {"steps": 600, "switch_every": 50},
-    "data": {"n_eval": 1000}, "eval": {"every": 50},
+    "teacher": {"steps": 1500},
+    "degrade": {"steps": 200, "nodes": 4},
+    "distill": {"steps": 600, "switch_every": 50},
+    "data": {"n_eval": 1000},
+    "eval": {"every": 50},
 }
 # Named set-ups: default data, seeds and methods, and budget overrides per preset (what --set adds goes on top).
 SUITES = {
-    "schedules": {"data": ["ring8", "grid25", "moons", "checkerboard", "digits"], "seeds": [0, 1, 2, 3, 4],
-                  "methods": ["dmd"], "budgets": {}},
+    "schedules": {
+        "data": ["ring8", "grid25", "moons", "checkerboard", "digits"],
+        "seeds": [0, 1, 2, 3, 4],
+        "methods": ["dmd"],
+        "budgets": {},
+    },
     "schedules-quick": {"data": ["ring8", "moons"], "seeds": [0, 1], "methods": ["dmd"], "budgets": {"toy2d": QUICK}},
     # every method with and without backtracking in about an hour on 2 CPU cores (--jobs 2): shorter budgets, and
     # switch_every shortened with them so that the paper's fixed 8-node walk reaches the teacher at 40% of the budget
     # (as the presets' full budgets have it), not after the budget ends
-    "methods": {"data": ["ring8", "grid25", "moons", "digits"], "seeds": [0, 1, 2], "methods": METHODS,
-                "budgets": {"toy2d": {"distill": {"steps": 400, "switch_every": 20}},
-                            "digits": {"distill": {"steps": 150, "batch": 64, "switch_every": 8},
-                                       "data": {"n_eval": 500}, "eval": {"every": 15}}}},
+    "methods": {
+        "data": ["ring8", "grid25", "moons", "digits"],
+        "seeds": [0, 1, 2],
+        "methods": METHODS,
+        "budgets": {
+            "toy2d": {"distill": {"steps": 400, "switch_every": 20}},
+            "digits": {
+                "distill": {"steps": 150, "batch": 64, "switch_every": 8},
+                "data": {"n_eval": 500},
+                "eval": {"every": 15},
+            },
+        },
+    },
     "methods-quick": {"data": ["ring8"], "seeds": [0], "methods": METHODS, "budgets": {"toy2d": QUICK}},
 }
 
@@ -91,15 +112,24 @@ def teacher_job(name: str, extra: dict, budget: dict, out: str) -> str:
     return str(stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), folder, show_progress=False))
 
 
-def seed_job(name: str, seed: int, extra: dict, budget: dict, out: str, teacher_file: str, variants: list[str],
-             method: str, prefix: bool) -> dict:
+def seed_job(
+    name: str,
+    seed: int,
+    extra: dict,
+    budget: dict,
+    out: str,
+    teacher_file: str,
+    variants: list[str],
+    method: str,
+    prefix: bool,
+) -> dict:
     """Stage 1 once per spacing, then every variant with ``method``; the result of one (data, seed, method).
     With ``prefix`` (several methods compared) the runs are named "method: variant"."""
     torch.set_num_threads(1)
     root = Path(out) / Path(name).stem / f"seed-{seed}" / method
     base = config(name, seed, extra, budget)
     data = load_data(base.data, seed)
-    teacher = stages.metrics_for(base, data)(load_samples(Path(teacher_file).parent))
+    teacher = metrics_for(base, data)(load_samples(Path(teacher_file).parent))
     paths: dict[str, tuple] = {}
     runs = {}
     for variant in variants:
@@ -119,10 +149,16 @@ def seed_job(name: str, seed: int, extra: dict, budget: dict, out: str, teacher_
             path, stage1_steps, stage1_wall = paths[spacing]
         key = f"{method}: {variant}" if prefix else variant
         result = stages.distill(cfg, data, teacher_file, path, fresh(root / slug(key)), show_progress=False)
-        runs[key] = {"method": method, "variant": variant,
-                     "curve": curve_of(result["records"]), "switches": result["switches"], "nodes": result["nodes"],
-                         "stage1_steps": stage1_steps, "stage1_wall_s": round(stage1_wall, 3),
-                         "node_distances": [n.distance for n in path.nodes] if path else None}
+        runs[key] = {
+            "method": method,
+            "variant": variant,
+            "curve": curve_of(result["records"]),
+            "switches": result["switches"],
+            "nodes": result["nodes"],
+            "stage1_steps": stage1_steps,
+            "stage1_wall_s": round(stage1_wall, 3),
+            "node_distances": [n.distance for n in path.nodes] if path else None,
+        }
     result = {"data": Path(name).stem, "seed": seed, "measure": data.measure, "teacher": teacher, "runs": runs}
     write_json(root / "result.json", result)  # a benchmark cut short keeps the jobs it finished (--reuse)
     print(f"{name} seed {seed} {method}: done", flush=True)
@@ -205,10 +241,13 @@ def tables(results: list[dict]) -> str:
     for data in dict.fromkeys(r["data"] for r in results):
         rows = [r for r in results if r["data"] == data]
         m = rows[0]["measure"]
-        lines += [f"### {data} ({len(rows)} seeds, measure {m}; a run on fewer seeds says so as (k/n))", "",
-                  "| run | threshold | generator steps | steps incl. stage 1 | wall s incl. stage 1 | speed-up (generator steps) "
-                  "| speed-up (steps incl. stage 1) | speed-up (wall incl. stage 1) | final |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {data} ({len(rows)} seeds, measure {m}; a run on fewer seeds says so as (k/n))",
+            "",
+            "| run | threshold | generator steps | steps incl. stage 1 | wall s incl. stage 1 | speed-up (generator steps) "
+            "| speed-up (steps incl. stage 1) | speed-up (wall incl. stage 1) | final |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for variant in dict.fromkeys(k for r in rows for k in r["runs"]):
             have = [r for r in rows if variant in r["runs"]]  # a benchmark cut short may lack some runs
             for label in thresholds(have[0], variant):
@@ -235,9 +274,13 @@ def summary(results: list[dict], label: str = "2x teacher") -> str:
     steps, both with stage 1 counted, to reach ``label``; and the final value relative to the baseline's."""
     datas = list(dict.fromkeys(r["data"] for r in results))
     keys = list(dict.fromkeys(k for r in results for k in r["runs"]))
-    lines = [f"Speed-up to {label} over the same method's baseline, wall-clock / steps, stage 1 counted (mean over "
-             "seeds where both got there, k/n when not all did); then final value / baseline's final value.", "",
-             "| run | " + " | ".join(datas) + " |", "|---|" + "---|" * len(datas)]
+    lines = [
+        f"Speed-up to {label} over the same method's baseline, wall-clock / steps, stage 1 counted (mean over "
+        "seeds where both got there, k/n when not all did); then final value / baseline's final value.",
+        "",
+        "| run | " + " | ".join(datas) + " |",
+        "|---|" + "---|" * len(datas),
+    ]
     for key in keys:
         cells = []
         for data in datas:
@@ -262,8 +305,14 @@ def speedup_of(result: dict, key: str, label: str) -> tuple[float | None, float 
 def cell(values: list[tuple[float | None, float | None, float]]) -> str:
     """'wall / steps (k/n); final' averaged over the runs where both got there."""
     got = [(w, s) for w, s, _ in values if w is not None and s is not None]
-    speed = (f"{statistics.mean(w for w, _ in got):.2f} / {statistics.mean(s for _, s in got):.2f}"
-             + ("" if len(got) == len(values) else f" ({len(got)}/{len(values)})")) if got else f"n/a (0/{len(values)})"
+    speed = (
+        (
+            f"{statistics.mean(w for w, _ in got):.2f} / {statistics.mean(s for _, s in got):.2f}"
+            + ("" if len(got) == len(values) else f" ({len(got)}/{len(values)})")
+        )
+        if got
+        else f"n/a (0/{len(values)})"
+    )
     return f"{speed}; {statistics.mean(f for _, _, f in values):.2f}"
 
 
@@ -272,11 +321,18 @@ def by_method(results: list[dict], label: str) -> str:
     keys = [k for k in dict.fromkeys(k for r in results for k in r["runs"]) if ": " in k]
     methods = list(dict.fromkeys(k.split(": ")[0] for k in keys))
     variants = [v for v in dict.fromkeys(k.split(": ")[1] for k in keys) if v != "baseline"]
-    lines = [f"To {label}, pooled over data sets and seeds: wall-clock / steps speed-up over the method's baseline "
-             "(stage 1 counted; k/n when not all got there); final value / baseline's.", "",
-             "| method | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    lines = [
+        f"To {label}, pooled over data sets and seeds: wall-clock / steps speed-up over the method's baseline "
+        "(stage 1 counted; k/n when not all got there); final value / baseline's.",
+        "",
+        "| method | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
     for method in methods:
-        cells = [cell([speedup_of(r, f"{method}: {v}", label) for r in results if f"{method}: {v}" in r["runs"]]) for v in variants]
+        cells = [
+            cell([speedup_of(r, f"{method}: {v}", label) for r in results if f"{method}: {v}" in r["runs"]])
+            for v in variants
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -309,15 +365,23 @@ def plot(results: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="schedules", choices=["schedules", "methods"],
-                        help="schedules: dmd, 5 data sets, 5 seeds; methods: every method, ring8 grid25 moons digits, "
-                             "3 seeds, shorter budgets (about an hour here with --jobs 2)")
+    parser.add_argument(
+        "--suite",
+        default="schedules",
+        choices=["schedules", "methods"],
+        help="schedules: dmd, 5 data sets, 5 seeds; methods: every method, ring8 grid25 moons digits, "
+        "3 seeds, shorter budgets (about an hour here with --jobs 2)",
+    )
     parser.add_argument("--quick", action="store_true", help="the suite in a few minutes: 2-D data, small budgets")
     parser.add_argument("--data", nargs="+", help="default: the suite's")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the suite's")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        help="generator losses (default: the suite's); each is compared with its own baseline")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="generator losses (default: the suite's); each is compared with its own baseline",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=1, help="(data, seed) pairs run in parallel, one thread each")
     parser.add_argument("--out", default="runs/convergence")
@@ -335,13 +399,23 @@ def main() -> None:
         results = merge_results([json.loads(f.read_text()) for f in sorted(out.glob("*/seed-*/*/result.json"))])
     else:
         results = run(args, out)
-    write_json(out / "results.json", {"command": " ".join(sys.argv), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                                      "elapsed_s": round(time.perf_counter() - begun), "results": results})
+    write_json(
+        out / "results.json",
+        {
+            "command": " ".join(sys.argv),
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"),
+            "elapsed_s": round(time.perf_counter() - begun),
+            "results": results,
+        },
+    )
     labels = ("3x teacher", "2x teacher", "baseline final")
     text = "\n\n".join(summary(results, label) for label in labels)
     if len(args.methods) > 1 or args.reuse:
-        text = "\n\n".join([by_method(results, label) for label in labels if any(": " in k for r in results for k in r["runs"])]
-                           + [text])
+        text = "\n\n".join(
+            [by_method(results, label) for label in labels if any(": " in k for r in results for k in r["runs"])]
+            + [text]
+        )
     write_text(out / "summary.md", text + "\n")
     text += "\n\n" + tables(results)
     write_text(out / "table.md", text + "\n")
@@ -349,7 +423,12 @@ def main() -> None:
     print(text)
 
 
-COST = {"dmd2": 0, "sid": 1, "dmd": 2, "vsd": 3}  # the order in which jobs start: dmd2 (two fake updates and a GAN) first
+COST = {
+    "dmd2": 0,
+    "sid": 1,
+    "dmd": 2,
+    "vsd": 3,
+}  # the order in which jobs start: dmd2 (two fake updates and a GAN) first
 
 
 def run(args, out: Path) -> list[dict]:
@@ -362,8 +441,10 @@ def run(args, out: Path) -> list[dict]:
     results = []
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        running = {pool.submit(teacher_job, name, extra, budget[name], str(out)): name
-                   for name in sorted(args.data, key=lambda n: n not in PRESETS)}  # the long (image) teachers first
+        running = {
+            pool.submit(teacher_job, name, extra, budget[name], str(out)): name
+            for name in sorted(args.data, key=lambda n: n not in PRESETS)
+        }  # the long (image) teachers first
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
@@ -375,7 +456,9 @@ def run(args, out: Path) -> list[dict]:
             ready.sort(key=lambda job: (job[0] not in PRESETS, COST.get(job[2], 0)))
             while ready and len(running) < args.jobs:
                 name, seed, method, teacher = ready.pop(0)
-                job = pool.submit(seed_job, name, seed, extra, budget[name], str(out), teacher, args.variants, method, prefix)
+                job = pool.submit(
+                    seed_job, name, seed, extra, budget[name], str(out), teacher, args.variants, method, prefix
+                )
                 running[job] = None
     return merge_results(results)
 

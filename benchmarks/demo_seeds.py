@@ -10,7 +10,7 @@ already hold a summary.json instead of training again.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import platform
 import statistics
 import time
@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from disback.config import build_config, parse_overrides
-from disback.demo import FACTORS, run_demo, speedups
-from disback.report import write_report
-from disback.weights import write_text
+from disback.jobs.demo import run_demo
+from disback.jobs.report import write_report
+from disback.jobs.summary import FACTORS, Summary
+from disback.storage.files import write_text
 
 
 def fmt(v, digits=3):
@@ -47,13 +48,12 @@ def run_all(args) -> dict[str, list[dict]]:
             cfg = build_config(args.preset, overrides=overrides)
             out = Path(args.out) / Path(name).stem / f"seed-{seed}"
             if args.reuse and (out / "summary.json").is_file():
-                s = json.loads((out / "summary.json").read_text())
+                summary = Summary.read(out).with_speedups(cfg.eval.threshold_factor)
+                summary.write(out)
             else:
-                s = run_demo(cfg, out, show_progress=False)
-            s["speedup"], s["speedup_by_factor"] = speedups(s, cfg.eval.threshold_factor)
-            write_text(out / "summary.json", json.dumps(s, indent=2) + "\n")
+                summary = run_demo(cfg, out, show_progress=False)
             write_report(out)
-            results.setdefault(Path(name).stem, []).append(s)
+            results.setdefault(Path(name).stem, []).append(dataclasses.asdict(summary))
             print(f"{name} seed {seed}: done", flush=True)
     return results
 
@@ -61,34 +61,100 @@ def run_all(args) -> dict[str, list[dict]]:
 def tables(results: dict[str, list[dict]]) -> str:
     m = next(iter(results.values()))[0]["measure"]  # "swd" for points, "fid" for images
     M = m.upper()
-    head = ["data", "seed", f"teacher {M}", f"baseline final {M}", f"DisBack final {M}", "baseline iters", "DisBack iters",
-            "DisBack iters + stage 1", "baseline wall s", "DisBack wall s + stage 1"]
+    head = [
+        "data",
+        "seed",
+        f"teacher {M}",
+        f"baseline final {M}",
+        f"DisBack final {M}",
+        "baseline iters",
+        "DisBack iters",
+        "DisBack iters + stage 1",
+        "baseline wall s",
+        "DisBack wall s + stage 1",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
         for s in runs:
             sp = s["speedup"]
-            lines.append("| " + " | ".join([name, str(s["seed"]), fmt(s["teacher"][m]), fmt(s["runs"]["baseline"]["final"][m]),
-                                            fmt(s["runs"]["disback"]["final"][m]), fmt(sp["iterations_baseline"]), fmt(sp["iterations_disback"]),
-                                            fmt(sp["iterations_disback_with_stage1"]), fmt(sp["wall_s_baseline"]), fmt(sp["wall_s_disback_with_stage1"])]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        str(s["seed"]),
+                        fmt(s["teacher"][m]),
+                        fmt(s["runs"]["baseline"]["final"][m]),
+                        fmt(s["runs"]["disback"]["final"][m]),
+                        fmt(sp["iterations_baseline"]),
+                        fmt(sp["iterations_disback"]),
+                        fmt(sp["iterations_disback_with_stage1"]),
+                        fmt(sp["wall_s_baseline"]),
+                        fmt(sp["wall_s_disback_with_stage1"]),
+                    ]
+                )
+                + " |"
+            )
     factor = next(iter(results.values()))[0]["speedup"]["threshold_factor"]
     text = f"Per run, threshold {M} <= {factor:g} x the teacher's:\n\n" + "\n".join(lines)
 
-    head = ["data", "threshold", "baseline iters", "DisBack iters", "DisBack iters + stage 1", "baseline wall s", "DisBack wall s + stage 1"]
+    head = [
+        "data",
+        "threshold",
+        "baseline iters",
+        "DisBack iters",
+        "DisBack iters + stage 1",
+        "baseline wall s",
+        "DisBack wall s + stage 1",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
         for f in FACTORS:
             sps = [s["speedup_by_factor"][f"{f:g}"] for s in runs]
-            lines.append("| " + " | ".join([name, f"{f:g}x teacher", *(mean_sd([x[k] for x in sps]) for k in (
-                "iterations_baseline", "iterations_disback", "iterations_disback_with_stage1", "wall_s_baseline", "wall_s_disback_with_stage1"))]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        f"{f:g}x teacher",
+                        *(
+                            mean_sd([x[k] for x in sps])
+                            for k in (
+                                "iterations_baseline",
+                                "iterations_disback",
+                                "iterations_disback_with_stage1",
+                                "wall_s_baseline",
+                                "wall_s_disback_with_stage1",
+                            )
+                        ),
+                    ]
+                )
+                + " |"
+            )
     text += "\n\nMean ± sd over seeds (k/n: runs that reached the threshold within the budget):\n\n" + "\n".join(lines)
 
     extra = [k for k in ("mmd",) if k in next(iter(results.values()))[0]["teacher"]]
-    head = ["data", f"teacher {M}", f"baseline final {M}", f"DisBack final {M}"] + [f"{r} final {k.upper()}" for k in extra for r in ("baseline", "DisBack")]
+    head = ["data", f"teacher {M}", f"baseline final {M}", f"DisBack final {M}"] + [
+        f"{r} final {k.upper()}" for k in extra for r in ("baseline", "DisBack")
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
-        lines.append("| " + " | ".join([name, mean_sd([s["teacher"][m] for s in runs]),
-                                        *(mean_sd([s["runs"][r]["final"][m] for s in runs]) for r in ("baseline", "disback")),
-                                        *(mean_sd([s["runs"][r]["final"][k] for s in runs]) for k in extra for r in ("baseline", "disback"))]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    mean_sd([s["teacher"][m] for s in runs]),
+                    *(mean_sd([s["runs"][r]["final"][m] for s in runs]) for r in ("baseline", "disback")),
+                    *(
+                        mean_sd([s["runs"][r]["final"][k] for s in runs])
+                        for k in extra
+                        for r in ("baseline", "disback")
+                    ),
+                ]
+            )
+            + " |"
+        )
     return text + "\n\nFinal quality, mean ± sd over seeds:\n\n" + "\n".join(lines)
 
 
@@ -103,8 +169,10 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     text = tables(run_all(args))
-    text += (f"\n\nPreset {args.preset}, overrides: {' '.join(args.overrides) or 'none'}. Machine: {platform.machine()}, "
-             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. This command took {time.time() - started:.0f} s.\n")
+    text += (
+        f"\n\nPreset {args.preset}, overrides: {' '.join(args.overrides) or 'none'}. Machine: {platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. This command took {time.time() - started:.0f} s.\n"
+    )
     write_text(Path(args.out) / "table.md", text)
     print(text)
 

@@ -43,17 +43,21 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from disback import stages
 from disback.config import DistillConfig, EDMConfig, RunConfig
-from disback.denoiser import EDMDenoiser
-from disback.generator import OneStepGenerator
-from disback.lora import fake_and_target, scratch
-from disback.losses import dmd_generator_loss, dsm_loss, karras_sigma, lognormal_sigma
-from disback.networks.unet import NOISE_SCALE, UNetBackbone
-from disback.path import DegradationPath, FixedSchedule, NodeReader
-from disback.tasks import Distillation
+from disback.diffusion.denoisers import EDMDenoiser
+from disback.diffusion.generator import OneStepGenerator
+from disback.diffusion.losses import dmd_generator_loss, dsm_loss, karras_sigma, lognormal_sigma
+from disback.diffusion.networks.unet import NOISE_SCALE, UNetBackbone
+from disback.method.distillation import Distillation
+from disback.method.lora import fake_and_target, scratch
+from disback.method.path import DegradationPath, NodeReader
+from disback.method.schedules import FixedSchedule
+from disback.stages.runtime import accelerator, speed_up
+from disback.storage.meta import ModelMeta
 
 EDM = EDMConfig(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0, p_mean=-1.2, p_std=1.2)
+# Node files of this benchmark are read back by it alone, into networks it builds: their description is nominal.
+BENCH_META = ModelMeta(role="denoiser", kind="edm", shape=[1], normaliser={"mean": 0.0, "scale": 1.0})
 
 
 class TextBackbone(nn.Module):
@@ -75,22 +79,46 @@ def build(model: str, batch: int) -> tuple[nn.Module, tuple[int, ...], int]:
     if model in ("adm64", "tiny"):
         big = model == "adm64"
         unet = UNet2DModel(
-            sample_size=64 if big else 16, in_channels=3, out_channels=3,
-            block_out_channels=(192, 384, 576, 768) if big else (32, 64), layers_per_block=3 if big else 1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D") if big else ("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D") if big else ("AttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=64 if big else 8, norm_num_groups=32 if big else 8, num_class_embeds=1000 if big else 10,
+            sample_size=64 if big else 16,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(192, 384, 576, 768) if big else (32, 64),
+            layers_per_block=3 if big else 1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+            if big
+            else ("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+            if big
+            else ("AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=64 if big else 8,
+            norm_num_groups=32 if big else 8,
+            num_class_embeds=1000 if big else 10,
         )
-        return EDMDenoiser(UNetBackbone(unet), EDM.sigma_data), (3, 64 if big else 16, 64 if big else 16), 1000 if big else 10
+        return (
+            EDMDenoiser(UNetBackbone(unet), EDM.sigma_data),
+            (3, 64 if big else 16, 64 if big else 16),
+            1000 if big else 10,
+        )
     big = model == "sd15"
     unet = UNet2DConditionModel(
-        sample_size=64 if big else 16, in_channels=4, out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280) if big else (32, 64), layers_per_block=2 if big else 1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",) if big else ("CrossAttnDownBlock2D", "DownBlock2D"),
+        sample_size=64 if big else 16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280) if big else (32, 64),
+        layers_per_block=2 if big else 1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+        if big
+        else ("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3 if big else ("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768 if big else 32, attention_head_dim=8, norm_num_groups=32 if big else 8,
+        cross_attention_dim=768 if big else 32,
+        attention_head_dim=8,
+        norm_num_groups=32 if big else 8,
     )
-    return EDMDenoiser(TextBackbone(unet, batch, 77, 768 if big else 32), EDM.sigma_data), (4, 64 if big else 16, 64 if big else 16), 0
+    return (
+        EDMDenoiser(TextBackbone(unet, batch, 77, 768 if big else 32), EDM.sigma_data),
+        (4, 64 if big else 16, 64 if big else 16),
+        0,
+    )
 
 
 def device_name() -> str:
@@ -115,7 +143,7 @@ def counting():
 def count_call(model: str, batch: int) -> dict:
     """--per-call: the work of one denoiser call, forward and forward + backward (weights and input gradients), at
     ``batch``; fits a machine that cannot hold a whole distillation step of the model."""
-    device = stages.accelerator().device
+    device = accelerator().device
     with torch.device(device):
         denoiser, shape, classes = build(model, batch)
     x = torch.randn(batch, *shape, device=device, requires_grad=True)
@@ -125,20 +153,27 @@ def count_call(model: str, batch: int) -> dict:
         denoiser(x, sigma, labels)
     with counting() as both:
         denoiser(x, sigma, labels).sum().backward()
-    return {"model": model, "per_call": True, "batch": batch, "GFLOP_forward_per_image": round(forward.get_total_flops() / batch / 1e9, 2),
-            "GFLOP_forward_backward_per_image": round(both.get_total_flops() / batch / 1e9, 2)}
+    return {
+        "model": model,
+        "per_call": True,
+        "batch": batch,
+        "GFLOP_forward_per_image": round(forward.get_total_flops() / batch / 1e9, 2),
+        "GFLOP_forward_backward_per_image": round(both.get_total_flops() / batch / 1e9, 2),
+    }
 
 
 def measure_switch(model: str, folder: Path, repeats: int = 3) -> dict:
-    """--switch-only: a target switch at full size without training (fits a CPU machine): reading the node directly at
-    the switch (as the loop did before NodeReader) against reading it ahead (disback.path.NodeReader, while the
-    generator trains) so that the loop waits only for the copy into the target."""
+    """--switch-only: a target switch at full size without training (fits a CPU machine): reading the node at the
+    switch against reading it ahead (disback.method.path.NodeReader, while the generator trains), so that the loop
+    waits only for the copy into the target."""
     teacher, _, _ = build(model, 1)
     path = DegradationPath.create(folder / f"switch-{model}", {}, replace=True)
-    path.add_node(teacher, 0, {})
-    path.add_node(teacher, 1, {})
+    path.add_node(teacher, 0, BENCH_META)
+    path.add_node(teacher, 1, BENCH_META)
     bf16 = torch.cuda.is_available()  # the target as a bf16 run holds it
-    target = copy.deepcopy(teacher).to(stages.accelerator("bf16" if bf16 else "fp32").device, dtype=torch.bfloat16 if bf16 else None)
+    target = copy.deepcopy(teacher).to(
+        accelerator("bf16" if bf16 else "fp32").device, dtype=torch.bfloat16 if bf16 else None
+    )
     direct, waited, read = [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -154,10 +189,16 @@ def measure_switch(model: str, folder: Path, repeats: int = 3) -> dict:
         reader.load(1, target)
         sync()
         waited.append(time.perf_counter() - t)
-    return {"model": model, "params_M": round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
-            "node_MB": round((path.root / path.nodes[1].file).stat().st_size / 1e6), "switch_direct_s": round(min(direct), 3),
-            "switch_prefetched_s": round(min(waited), 3), "node_read_s": round(min(read), 3), "repeats": repeats,
-            "device": device_name()}
+    return {
+        "model": model,
+        "params_M": round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
+        "node_MB": round((path.root / path.nodes[1].file).stat().st_size / 1e6),
+        "switch_direct_s": round(min(direct), 3),
+        "switch_prefetched_s": round(min(waited), 3),
+        "node_read_s": round(min(read), 3),
+        "repeats": repeats,
+        "device": device_name(),
+    }
 
 
 class ReferenceLoop:
@@ -212,33 +253,78 @@ def configurations(args: argparse.Namespace) -> list[dict]:
         plain = {"channels_last": False, "compile": False, "checkpointing": False, "lora": 0}
         if args.reference:
             out.append({"loop": "reference", "ratio": ratio, **plain, "reuse": True})
-        out += [{"loop": "disback", "ratio": ratio, "channels_last": bool(cl), "compile": bool(co), "checkpointing": bool(ck),
-                 "lora": lo, "reuse": bool(re)}
-                for cl in args.channels_last for co in args.compile for ck in args.checkpointing for lo in args.lora
-                for re in args.reuse]
+        out += [
+            {
+                "loop": "disback",
+                "ratio": ratio,
+                "channels_last": bool(cl),
+                "compile": bool(co),
+                "checkpointing": bool(ck),
+                "lora": lo,
+                "reuse": bool(re),
+            }
+            for cl in args.channels_last
+            for co in args.compile
+            for ck in args.checkpointing
+            for lo in args.lora
+            for re in args.reuse
+        ]
     return out
 
 
-def disback_task(teacher: nn.Module, path: DegradationPath, shape: tuple[int, ...], classes: int, batch: int, steps: int,
-                 c: dict, acc) -> Distillation:
+def disback_task(
+    teacher: nn.Module,
+    path: DegradationPath,
+    shape: tuple[int, ...],
+    classes: int,
+    batch: int,
+    steps: int,
+    c: dict,
+    acc,
+) -> Distillation:
     """disback's own distillation task on copies of ``teacher`` (LoRA: adapters on it), as `disback distill` builds it."""
     generator = OneStepGenerator(copy.deepcopy(teacher), 2.5)
     # LoRA adapters freeze their base and the bf16 target casts it: a copy of its own, so that the next rows start from
     # the same fp32 teacher (the peak then holds one network more than a real run: allocated_before_GiB's worth)
     fake, target = fake_and_target(copy.deepcopy(teacher) if c["lora"] else teacher, c["lora"], len(path))
-    stages.speed_up(RunConfig(channels_last=c["channels_last"], compile=c["compile"], gradient_checkpointing=c["checkpointing"]),
-                    generator, fake, target)
-    cfg = DistillConfig(steps=steps, batch=batch, lr_generator=1e-5, lr_fake=1e-5, fake_updates=c["ratio"], sigma_g=2.5,
-                        switch_every=10**9, sigma_min=0.002, sigma_max=80.0, reuse_samples=c["reuse"])
-    return Distillation(generator, fake, target, path, FixedSchedule(len(path), 10**9), cfg=cfg, edm=EDM, shape=shape,
-                        accelerator=acc, stage="benchmark", num_classes=classes)
+    speed_up(
+        RunConfig(channels_last=c["channels_last"], compile=c["compile"], gradient_checkpointing=c["checkpointing"]),
+        generator,
+        fake,
+        target,
+    )
+    cfg = DistillConfig(
+        steps=steps,
+        batch=batch,
+        lr_generator=1e-5,
+        lr_fake=1e-5,
+        fake_updates=c["ratio"],
+        sigma_g=2.5,
+        switch_every=10**9,
+        sigma_min=0.002,
+        sigma_max=80.0,
+        reuse_samples=c["reuse"],
+    )
+    return Distillation(
+        generator,
+        fake,
+        target,
+        path,
+        FixedSchedule(len(path), 10**9),
+        cfg=cfg,
+        edm=EDM,
+        shape=shape,
+        accelerator=acc,
+        stage="benchmark",
+        num_classes=classes,
+    )
 
 
 def one_node_path(teacher: nn.Module, rank: int, folder: Path) -> DegradationPath:
     """The baseline's path (the teacher alone; LoRA: its zero adapters), so that no row spends its time loading
     nodes; a target switch is measured on its own (--switch-only)."""
     path = DegradationPath.create(folder / f"path-{rank}", {"network": {"lora_rank": rank}}, replace=True)
-    path.add_node(scratch(copy.deepcopy(teacher), rank), 0, {})
+    path.add_node(scratch(copy.deepcopy(teacher), rank), 0, BENCH_META)
     return path
 
 
@@ -262,13 +348,18 @@ def timed(task, c: dict, batch: int, steps: int, warmup: int) -> dict:
     sync()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return {"s_per_iter": round(seconds, 4), "s_per_update": round(seconds / (c["ratio"] + 1), 4),
-            "images_per_s": round(batch / seconds, 1), "warmup_s": round(warmup_s, 1), "peak_GiB": None if peak is None else round(peak, 2)}
+    return {
+        "s_per_iter": round(seconds, 4),
+        "s_per_update": round(seconds / (c["ratio"] + 1), 4),
+        "images_per_s": round(batch / seconds, 1),
+        "warmup_s": round(warmup_s, 1),
+        "peak_GiB": None if peak is None else round(peak, 2),
+    }
 
 
 def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int, folder: Path):
     """Yield one result per configuration of ``model``."""
-    acc = stages.accelerator("bf16" if torch.cuda.is_available() else "fp32")
+    acc = accelerator("bf16" if torch.cuda.is_available() else "fp32")
     device = acc.device
     with torch.device(device):
         teacher, shape, classes = build(model, batch)
@@ -283,10 +374,17 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
             if c["lora"] not in paths:
                 paths[c["lora"]] = one_node_path(teacher, c["lora"], folder)
             task = disback_task(teacher, paths[c["lora"]], shape, classes, batch, steps, c, acc)
-            alive = [weakref.ref(m) for m in (task.generator_module, task.fake_module, task.target)]
-        row = {"model": model, "params_M": round(params / 1e6, 1), "batch": batch, **c, "ratio": f"{c['ratio']}:1",
-               "precision": acc.mixed_precision, "allocated_before_GiB": None if before is None else round(before, 2),
-               "device": device_name()}
+            alive = [weakref.ref(m) for m in (task.generator, task.fake, task.target)]
+        row = {
+            "model": model,
+            "params_M": round(params / 1e6, 1),
+            "batch": batch,
+            **c,
+            "ratio": f"{c['ratio']}:1",
+            "precision": acc.mixed_precision,
+            "allocated_before_GiB": None if before is None else round(before, 2),
+            "device": device_name(),
+        }
         if steps:
             row.update(timed(task, c, batch, steps, warmup))
         if not c["compile"]:  # the same work as eager, and counting would make the compiler start again
@@ -304,21 +402,47 @@ def measure(model: str, batch: int, configs: list[dict], steps: int, warmup: int
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if any(ref() is not None for ref in alive):
-            print(f"warning: {model} {c}: networks still referenced after release; the next peak includes them", flush=True)
+            print(
+                f"warning: {model} {c}: networks still referenced after release; the next peak includes them",
+                flush=True,
+            )
 
 
 def table(rows: list[dict]) -> str:
     """A markdown table of --out's results: per model and ratio, each configuration against the reference loop."""
-    lines = ["| network | batch | fake:gen | loop | reuse | compile | channels-last | checkpointing | LoRA | s / iteration | "
-             "vs reference | images / s | peak GiB | before GiB | warm-up s | GFLOP / image | TFLOP/s |",
-             "|" + "---|" * 17]
+    lines = [
+        "| network | batch | fake:gen | loop | reuse | compile | channels-last | checkpointing | LoRA | s / iteration | "
+        "vs reference | images / s | peak GiB | before GiB | warm-up s | GFLOP / image | TFLOP/s |",
+        "|" + "---|" * 17,
+    ]
     for r in (r for r in rows if "model" in r and "ratio" in r):
-        ref = next((q for q in rows if q.get("loop") == "reference" and q.get("s_per_iter")
-                    and (q["model"], q["ratio"]) == (r["model"], r["ratio"])), None)
+        ref = next(
+            (
+                q
+                for q in rows
+                if q.get("loop") == "reference"
+                and q.get("s_per_iter")
+                and (q["model"], q["ratio"]) == (r["model"], r["ratio"])
+            ),
+            None,
+        )
         speed = f"{ref['s_per_iter'] / r['s_per_iter']:.2f}x" if ref and r.get("s_per_iter") else ""
-        cells = [r["model"], r["batch"], r["ratio"], r.get("loop", "disback")] + [r.get(k) for k in (
-            "reuse", "compile", "channels_last", "checkpointing", "lora", "s_per_iter")] + [speed] + [r.get(k) for k in (
-            "images_per_s", "peak_GiB", "allocated_before_GiB", "warmup_s", "GFLOP_per_image", "TFLOP_per_s")]
+        cells = (
+            [r["model"], r["batch"], r["ratio"], r.get("loop", "disback")]
+            + [r.get(k) for k in ("reuse", "compile", "channels_last", "checkpointing", "lora", "s_per_iter")]
+            + [speed]
+            + [
+                r.get(k)
+                for k in (
+                    "images_per_s",
+                    "peak_GiB",
+                    "allocated_before_GiB",
+                    "warmup_s",
+                    "GFLOP_per_image",
+                    "TFLOP_per_s",
+                )
+            ]
+        )
         lines.append("| " + " | ".join("" if v is None else str(v) for v in cells) + " |")
     return "\n".join(lines)
 
@@ -330,10 +454,14 @@ def main() -> None:
     parser.add_argument("--channels-last", nargs="+", type=int, default=[0], help="0 and/or 1")
     parser.add_argument("--compile", nargs="+", type=int, default=[0], help="torch.compile the networks: 0 and/or 1")
     parser.add_argument("--checkpointing", nargs="+", type=int, default=[0], help="gradient checkpointing: 0 and/or 1")
-    parser.add_argument("--lora", nargs="+", type=int, default=[0], help="LoRA ranks of the fake score (0: a full copy)")
+    parser.add_argument(
+        "--lora", nargs="+", type=int, default=[0], help="LoRA ranks of the fake score (0: a full copy)"
+    )
     parser.add_argument("--reuse", nargs="+", type=int, default=[0, 1], help="distill.reuse_samples: 0 and/or 1")
     parser.add_argument("--reference", action="store_true", help="also time the plain reference loop (see above)")
-    parser.add_argument("--steps", type=int, default=5, help="timed iterations; 0: count the work of one iteration only")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed iterations; 0: count the work of one iteration only"
+    )
     parser.add_argument("--batch", type=int, help="another batch than the model's (e.g. 1, to count work on a CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="runs/gpu_step.jsonl")

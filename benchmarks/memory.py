@@ -38,17 +38,19 @@ QUICK = {"degrade": {"steps": 20}, "distill": {"steps": 20}, "eval": {"every": 1
 
 def run_variant(name: str, preset: str, teacher: str, quick: bool) -> dict:
     """One variant, in this process: stage 1 and distillation; its measurements."""
+    import numpy as np
     import torch
 
     from disback import stages
     from disback.config import build_config, merge
     from disback.data import load_data
+    from disback.stages.common import metrics_for
 
     torch.set_num_threads(1)
     overrides = merge(QUICK, VARIANTS[name]) if quick else VARIANTS[name]
     cfg = build_config(preset, overrides=overrides)
     data = load_data(cfg.data, cfg.seed)
-    teacher_value = stages.metrics_for(cfg, data)(__import__("numpy").load(Path(teacher).parent / "samples.npy"))
+    teacher_value = metrics_for(cfg, data)(np.load(Path(teacher).parent / "samples.npy"))
     saved = activation_meter()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -61,30 +63,43 @@ def run_variant(name: str, preset: str, teacher: str, quick: bool) -> dict:
     weights_MB, trained_MB = network_bytes(cfg, Path(teacher), len(path))
     reached = next((r["iteration"] for r in records if r[measure] <= 2 * teacher_value[measure]), None)
     cuda = torch.cuda.is_available()
-    return {"variant": name, "preset": preset, "quick": quick, "measure": measure, "teacher": round(teacher_value[measure], 3),
-            "final": round(records[-1][measure], 3), "steps_to_2x_teacher": reached,
-            "peak_GiB": round((torch.cuda.max_memory_allocated() if cuda else peak_rss()) / 2**30, 3),
-            "peak_kind": "cuda allocated" if cuda else "process RSS",
-            "weights_MB": weights_MB, "trained_with_adam_MB": trained_MB, "saved_for_backward_MB": round(saved["bytes"] / 1e6, 3), "path_MB": round(path_bytes / 1e6, 3), "saved_generator_and_fake_MB": round(weights_bytes / 1e6, 3),
-            "stage1_s": round(stage1_s, 1), "distill_train_s": round(records[-1]["wall_s"], 1),
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d")}
+    return {
+        "variant": name,
+        "preset": preset,
+        "quick": quick,
+        "measure": measure,
+        "teacher": round(teacher_value[measure], 3),
+        "final": round(records[-1][measure], 3),
+        "steps_to_2x_teacher": reached,
+        "peak_GiB": round((torch.cuda.max_memory_allocated() if cuda else peak_rss()) / 2**30, 3),
+        "peak_kind": "cuda allocated" if cuda else "process RSS",
+        "weights_MB": weights_MB,
+        "trained_with_adam_MB": trained_MB,
+        "saved_for_backward_MB": round(saved["bytes"] / 1e6, 3),
+        "path_MB": round(path_bytes / 1e6, 3),
+        "saved_generator_and_fake_MB": round(weights_bytes / 1e6, 3),
+        "stage1_s": round(stage1_s, 1),
+        "distill_train_s": round(records[-1]["wall_s"], 1),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def activation_meter() -> dict:
     """Bytes of the tensors that autograd keeps for a backward pass of the first distillation step (the largest of its
     fake-score updates and its generator update), each storage once and parameters excluded: the activation memory
-    held at the step's peak, exact on any device. Under gradient checkpointing a checkpointed block keeps its inputs instead, outside autograd's saved
-    tensors: those are counted by a wrapper around torch.utils.checkpoint.checkpoint (which diffusers binds when
-    checkpointing is enabled, after this)."""
+    held at the step's peak, exact on any device. Under gradient checkpointing a checkpointed block keeps its inputs
+    instead, outside autograd's saved tensors: those are counted by a wrapper around torch.utils.checkpoint.checkpoint
+    (which diffusers binds when checkpointing is enabled, after this)."""
     import torch
     import torch.utils.checkpoint
 
-    from disback import tasks
+    from disback.method import distillation
 
     seen: dict = {}
     storages: dict[int, int] = {}  # storage -> bytes, kept by the forward pass whose backward comes next
     totals: list[int] = []  # one per backward pass of the step
-    plain, plain_update = tasks.Distillation.train_step, tasks.update
+    plain, plain_update = distillation.Distillation.train_step, distillation.update
     plain_checkpoint = torch.utils.checkpoint.checkpoint
     params: set[int] = set()
 
@@ -94,7 +109,7 @@ def activation_meter() -> dict:
             storages.clear()
         return plain_update(accelerator, optimiser, loss)
 
-    tasks.update = update
+    distillation.update = update  # the name Distillation calls
 
     def checkpoint(fn, *args, **kwargs):
         for t in args:
@@ -121,18 +136,18 @@ def activation_meter() -> dict:
         seen["bytes"] = max(totals)  # the largest of the step's backward passes: what it holds at its peak
         return out
 
-    tasks.Distillation.train_step = step
+    distillation.Distillation.train_step = step
     return seen
 
 
 def network_bytes(cfg, teacher: Path, num_nodes: int) -> tuple[float, float]:
     """MB held by the distillation's networks (generator, fake score, target: shared tensors counted once) and MB of
     what is trained (parameters, gradients and Adam's two moments), as the stage builds them."""
-    from disback.lora import fake_and_target
-    from disback.models import generator_from_teacher, load_model
+    from disback.method.lora import fake_and_target
+    from disback.storage.models import generator_from_teacher, load_model
 
-    model, _ = load_model(teacher)
-    generator = generator_from_teacher(model, cfg.distill.sigma_g)
+    model, meta = load_model(teacher)
+    generator = generator_from_teacher(model, meta, cfg.distill.sigma_g)
     fake, target = fake_and_target(model, cfg.network.lora_rank, num_nodes)
     tensors = {id(p): p for m in (generator, fake, target) for p in m.parameters()}
     trained = [p for p in tensors.values() if p.requires_grad and not any(p is q for q in target.parameters())]
@@ -159,7 +174,9 @@ def main() -> None:
     teacher = args.teacher or train_teacher(args.preset, args.quick, Path(args.out).with_suffix(""))
     teacher = str(Path(teacher) / "teacher.safetensors") if Path(teacher).is_dir() else teacher
     for name in args.variants:
-        cmd = [sys.executable, __file__, "--one", name, "--preset", args.preset, "--teacher", teacher] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--one", name, "--preset", args.preset, "--teacher", teacher] + (
+            ["--quick"] if args.quick else []
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -175,7 +192,9 @@ def train_teacher(preset: str, quick: bool, folder: Path) -> str:
     from disback.data import load_data
 
     cfg = build_config(preset, overrides={"teacher": {"steps": 50}} if quick else None)
-    return str(stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), folder / "teacher", show_progress=False, resume=True))
+    return str(
+        stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), folder / "teacher", show_progress=False, resume=True)
+    )
 
 
 if __name__ == "__main__":

@@ -10,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from disback.cli import main
-from disback.path import DegradationPath
-
 from conftest import TINY_ARGS
+from disback.cli import main
+from disback.method.path import DegradationPath
 
 
 def test_each_stage_runs_from_the_command_line(tmp_path, capsys):
@@ -29,10 +28,26 @@ def test_each_stage_runs_from_the_command_line(tmp_path, capsys):
         assert {r["stage"] for r in records} == {stage}
         assert records[-1]["iteration"] == 30 and records[-1]["target_node"] == last_node
         assert {"wall_s", "swd", "mmd", "modes"} <= records[-1].keys()
-    assert main(["sample", str(tmp_path / "b" / "generator.safetensors"), "--n", "100", "--out", str(tmp_path / "g.npy"),
-                 "--plot", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(tmp_path / "b" / "generator.safetensors"),
+                "--n",
+                "100",
+                "--out",
+                str(tmp_path / "g.npy"),
+                "--plot",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "g.npy").shape == (100, 2) and (tmp_path / "g.png").stat().st_size > 0
-    assert main(["sample", str(t / "teacher.safetensors"), "--n", "50", "--steps", "5", "--out", str(tmp_path / "t.npy")]) == 0
+    assert (
+        main(["sample", str(t / "teacher.safetensors"), "--n", "50", "--steps", "5", "--out", str(tmp_path / "t.npy")])
+        == 0
+    )
     assert np.isfinite(np.load(tmp_path / "t.npy")).all()
 
 
@@ -49,7 +64,7 @@ def test_demo_writes_report_plots_and_summary(tmp_path, capsys):
     for run in s["runs"].values():
         assert [r["iteration"] for r in run["curve"]] == [0, 10, 20, 30]
         assert all({"iteration", "wall_s", "swd", "mmd"} <= r.keys() for r in run["curve"])
-    assert s["speedup"]["threshold_swd"] == pytest.approx(s["speedup"]["threshold_factor"] * s["teacher"]["swd"])
+    assert s["speedup"]["threshold"] == pytest.approx(s["speedup"]["threshold_factor"] * s["teacher"]["swd"])
     assert set(s["speedup_by_factor"]) == {"4", "3", "2", "1.5"}
     assert "| DisBack |" in capsys.readouterr().out
     # A finished demo is read back with --resume, refused without it, started again with --overwrite; a folder
@@ -77,8 +92,13 @@ def test_demo_on_a_users_points_as_a_real_process(tmp_path):
     pts = np.concatenate([rng.normal(size=(300, 3)) * 0.2 + 50, rng.normal(size=(300, 3)) * 0.2 - 50])
     np.save(tmp_path / "mine.npy", pts)
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "disback", "demo", "--data", str(tmp_path / "mine.npy"), "--out", str(out), *TINY_ARGS],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "disback", "demo", "--data", str(tmp_path / "mine.npy"), "--out", str(out), *TINY_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["data"].endswith("mine.npy")
@@ -107,5 +127,23 @@ def test_bad_data_files_from_the_command_line(tmp_path, capsys):
     np.save(tmp_path / "nan.npy", bad)
     assert main(["teacher", "--data", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "t")]) == 2
     assert "NaN" in capsys.readouterr().err
-    assert main(["backtrack", "--teacher", str(tmp_path / "missing"), "--path", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            ["backtrack", "--teacher", str(tmp_path / "missing"), "--path", str(tmp_path), "--out", str(tmp_path / "b")]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_teacher_takes_a_teacher_file_and_the_old_spelling_of_pretrained_is_deprecated(tmp_path, capsys):
+    (tmp_path / "ddpm").mkdir()  # not a disback teacher: --teacher means --pretrained here, with a deprecation note
+    assert (
+        main(["demo", "--teacher", str(tmp_path / "ddpm"), "--out", str(tmp_path / "x"), "--set", "distill.stpes=1"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "warning: `demo --teacher` with a diffusers model is deprecated: use --pretrained" in err
+    assert "did you mean 'distill.steps'" in err  # the config is checked as before
+    assert main(["demo", "--teacher", str(tmp_path / "ddpm"), "--pretrained", "x", "--out", str(tmp_path / "y")]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -3,11 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from disback.data import MIN_ROWS, load_data, read_point_file
 from disback.data.toy import TOY
 from disback.errors import DisbackError
-
-from conftest import tiny_config
 
 
 @pytest.mark.parametrize("name", sorted(TOY))

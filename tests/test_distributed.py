@@ -1,4 +1,5 @@
-"""Several processes (torchrun / accelerate launch, gloo on the CPU) compute what one process computes."""
+"""Several processes (torchrun / accelerate launch, gloo on the CPU): a sharded run resumes, the helpers split and
+gather; test_launch_matrix.py checks that two processes compute what one computes."""
 
 from __future__ import annotations
 
@@ -12,16 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_ARGS
-
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-# DMD2 (GAN head, two fake updates), nodes spaced by distance, the adaptive schedule with short dwells: the paths where
-# processes must agree (probe distances, the gap, the head's gradients) and at least one target switch.
-SETTINGS = ["--method", "dmd2", "--set", "distill.fake_updates=2", "--set", "degrade.spacing=distance",
-            "--set", "degrade.plateau=0.05", "--set", "distill.schedule=adaptive", "--set", "distill.min_dwell=2",
-            "--set", "distill.max_dwell=4"]
-# Gradients are averaged over 2 half batches instead of one batch: the sums differ in rounding only.
-TOLERANCE = 1e-5
 
 
 def free_port() -> str:
@@ -39,40 +31,6 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_match_one_process(tmp_path, fsdp):
-    demo = ["-m", "disback", "demo", *TINY_ARGS, *SETTINGS]
-    order = ["--set", "distill.reuse_samples=true"] if fsdp else []
-    one = subprocess.Popen([sys.executable, *demo, *order, "--out", str(tmp_path / "one")], env=env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # stages 1 and 2 shard their networks over the 2 processes; this run also takes DMD2's order (reused samples), so
-    # that both orders are checked across processes without a third run
-    sharded = ["--set", "run.fsdp=true", "--set", "distill.reuse_samples=true"] if fsdp else []
-    two = subprocess.run([*TORCHRUN, free_port(), *demo, *sharded, "--out", str(tmp_path / "two")], env=env(),
-                         capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert one.wait(timeout=600) == 0, one.stderr.read()[-3000:]
-    assert two.stdout.count("report:") == 1  # the main process alone prints the report
-
-    a, b = tmp_path / "one", tmp_path / "two"
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
-    weights = [f for f in files if f.suffix == ".safetensors"]
-    assert len(weights) >= 8  # teacher, nodes, two generators and fake scores
-    for f in weights:
-        x, y = load_file(str(a / f)), load_file(str(b / f))
-        worst = max((x[k] - y[k]).abs().max().item() for k in x)
-        assert worst < TOLERANCE, f"{f}: differs by {worst:.2e}"
-    for run in ("disback", "baseline"):
-        ra, rb = metrics(a / run), metrics(b / run)
-        assert [(r["iteration"], r["target_node"]) for r in ra] == [(r["iteration"], r["target_node"]) for r in rb]
-        assert [r["swd"] for r in rb] == pytest.approx([r["swd"] for r in ra], rel=1e-4)
-    switches = json.loads((b / "disback" / "result.json").read_text())["switches"]
-    assert switches and switches == json.loads((a / "disback" / "result.json").read_text())["switches"]
-    assert metrics(b / "path")[-1]["distance"] == pytest.approx(metrics(a / "path")[-1]["distance"], rel=1e-4)
-
-
 # Under run.fsdp: a distillation killed after step 6 and resumed from its step-4 checkpoint (sharded model and Adam
 # states gathered into the file, then scattered back) ends where an uninterrupted one does; the networks are sharded.
 RESUME = """
@@ -81,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from conftest import tiny_config
 from torch.distributed.tensor import DTensor
-from disback import stages, tasks
+from disback import stages
 from disback.data import load_data
 from disback.distributed import finish, state
 
@@ -91,9 +49,6 @@ cfg = tiny_config(distill={"steps": 12, "switch_every": 3, "method": "dmd2", "fa
 data = load_data(cfg.data, cfg.seed)
 teacher = stages.train_teacher(cfg, data, out / "teacher", show_progress=False)
 path = stages.record_path(cfg, teacher, out / "path", show_progress=False)
-made = []
-plain_init = tasks.Distillation.__init__
-tasks.Distillation.__init__ = lambda self, *a, **k: (plain_init(self, *a, **k), made.append(self))[0]
 
 
 class Crash:
@@ -102,24 +57,27 @@ class Crash:
             raise KeyboardInterrupt
 
 
-plain_loop = stages.train_loop
-stages.train_loop = lambda task, steps, **kw: plain_loop(task, steps, **{**kw, "callbacks": [*kw.get("callbacks", ()), Crash()]})
+class Count:
+    def __init__(self):
+        self.steps, self.task = [], None
+
+    def on_step_end(self, step, task):
+        self.steps.append(step)
+        self.task = task
+
+
 try:
-    stages.distill(cfg, data, teacher, path, out / "resumed", show_progress=False)
+    stages.distill(cfg, data, teacher, path, out / "resumed", show_progress=False, callbacks=[Crash()])
     raise AssertionError("the run was not interrupted")
 except KeyboardInterrupt:
     pass
-stages.train_loop = plain_loop
-steps = []
-plain_step = tasks.Distillation.train_step
-tasks.Distillation.train_step = lambda self: (steps.append(1), plain_step(self))[1]
-stages.distill(cfg, data, teacher, path, out / "resumed", show_progress=False, resume=True)
-assert len(steps) == 8, len(steps)  # steps 5 to 12: from the step-4 checkpoint, not from the start
-tasks.Distillation.train_step = plain_step
-stages.distill(cfg, data, teacher, path, out / "straight", show_progress=False)
-for module in (made[-1].generator_module, made[-1].fake_module, made[-1].head):
+count = Count()
+stages.distill(cfg, data, teacher, path, out / "resumed", show_progress=False, resume=True, callbacks=[count])
+assert count.steps == list(range(5, 13)), count.steps  # steps 5 to 12: from the step-4 checkpoint, not from the start
+for module in (count.task.generator, count.task.fake, count.task.head):
     p = next(module.parameters())
     assert isinstance(p, DTensor) and p.to_local().shape[0] == -(-p.shape[0] // 2), (type(p), p.shape)
+stages.distill(cfg, data, teacher, path, out / "straight", show_progress=False)
 open(out / f"rank-{state().process_index}.ok", "w").write("ok")
 finish()
 """
@@ -129,8 +87,13 @@ finish()
 def test_a_sharded_run_resumes_where_it_was_killed(tmp_path):
     script = tmp_path / "resume.py"
     script.write_text(RESUME)
-    proc = subprocess.run([*TORCHRUN, free_port(), str(script), str(tmp_path), str(Path(__file__).parent)], env=env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*TORCHRUN, free_port(), str(script), str(tmp_path), str(Path(__file__).parent)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank-0.ok", "rank-1.ok"]
     a, b = tmp_path / "resumed", tmp_path / "straight"
@@ -143,12 +106,12 @@ def test_a_sharded_run_resumes_where_it_was_killed(tmp_path):
 
 def test_fsdp_needs_several_processes_and_full_networks():
     from conftest import tiny_config
-    from disback import stages
     from disback.errors import DisbackError
+    from disback.stages.runtime import accelerator, sharded
 
     with pytest.raises(DisbackError, match="one process"):
-        stages.sharded(tiny_config(run={"fsdp": True}), stages.accelerator())
-    assert stages.sharded(tiny_config(), stages.accelerator()) is False
+        sharded(tiny_config(run={"fsdp": True}), accelerator())
+    assert sharded(tiny_config(), accelerator()) is False
     with pytest.raises(DisbackError, match="lora_rank"):
         tiny_config(run={"fsdp": True}, network={"lora_rank": 4})
 
@@ -183,6 +146,8 @@ finish()
 def test_helpers_split_and_gather_across_two_processes(tmp_path):
     script = tmp_path / "helpers.py"
     script.write_text(HELPERS)
-    proc = subprocess.run([*TORCHRUN, free_port(), str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*TORCHRUN, free_port(), str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank-0.ok", "rank-1.ok"]

@@ -17,16 +17,36 @@ from disback.cli import main
 from disback.config import build_config
 from disback.data import load_data
 from disback.data.images import read_idx
-from disback.denoiser import VPDenoiser
+from disback.diffusion.denoisers import VPDenoiser
 from disback.errors import DisbackError
 from disback.metrics.images import classifier_features, frechet_distance, statistics
 
 IMAGE_ARGS = [
-    "--preset", "digits", "--quiet",
-    "--set", "data.n_eval=100", "--set", "teacher.steps=60", "--set", "teacher.heun_steps=4",
-    "--set", "degrade.steps=8", "--set", "degrade.nodes=4", "--set", "distill.steps=12", "--set", "distill.batch=32",
-    "--set", "distill.switch_every=3", "--set", "eval.every=6", "--set", "network.channels=[8, 16]",
-    "--set", "eval.classifier_steps=300",
+    "--preset",
+    "digits",
+    "--quiet",
+    "--set",
+    "data.n_eval=100",
+    "--set",
+    "teacher.steps=60",
+    "--set",
+    "teacher.heun_steps=4",
+    "--set",
+    "degrade.steps=8",
+    "--set",
+    "degrade.nodes=4",
+    "--set",
+    "distill.steps=12",
+    "--set",
+    "distill.batch=32",
+    "--set",
+    "distill.switch_every=3",
+    "--set",
+    "eval.every=6",
+    "--set",
+    "network.channels=[8, 16]",
+    "--set",
+    "eval.classifier_steps=300",
 ]
 
 
@@ -56,7 +76,7 @@ def _png_folder(folder, sizes):
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate(sizes):
         img = np.zeros((h, w), dtype=np.uint8)
-        img[h // 4: 3 * h // 4, rng.integers(0, w // 2): w - 1] = 255
+        img[h // 4 : 3 * h // 4, rng.integers(0, w // 2) : w - 1] = 255
         Image.fromarray(img).save(folder / f"{i:03d}.png")
 
 
@@ -95,7 +115,7 @@ def test_bad_image_inputs_give_clear_errors(tmp_path):
 
 
 def test_class_conditioning_needs_labels_and_changes_the_output(tmp_path):
-    from disback.models import build_denoiser
+    from disback.diffusion.denoisers import build_denoiser
 
     cfg = build_config("digits", overrides={"network": {"num_classes": 10, "channels": [8, 16]}})
     d = build_denoiser(cfg.network, (1, 8, 8), 0.5)
@@ -103,8 +123,23 @@ def test_class_conditioning_needs_labels_and_changes_the_output(tmp_path):
     x, s = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 1.0])
     assert not torch.allclose(d(x, s, torch.tensor([0, 0])), d(x, s, torch.tensor([0, 7])))
     _png_folder(tmp_path / "pngs", [(8, 8)] * 25)
-    assert main(["teacher", "--preset", "digits", "--data", str(tmp_path / "pngs"), "--set", "network.num_classes=10",
-                 "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "teacher",
+                "--preset",
+                "digits",
+                "--data",
+                str(tmp_path / "pngs"),
+                "--set",
+                "network.num_classes=10",
+                "--out",
+                str(tmp_path / "t"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     with pytest.raises(DisbackError, match="must be 0, or positive with network.kind 'unet'"):
         build_config("toy2d", overrides={"network": {"num_classes": 3}})
 
@@ -113,8 +148,15 @@ def test_vp_wrapper_maps_sigmas_to_timesteps_and_predicts_x0():
     from diffusers import DDPMScheduler, UNet2DModel
 
     sched = DDPMScheduler(num_train_timesteps=100)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     d = VPDenoiser(unet, sched.alphas_cumprod)
     table = d.log_sigmas.exp()
     assert torch.allclose(d.sigma_to_t(table[[0, 17, 99]]), torch.tensor([0.0, 17.0, 99.0]), atol=1e-3)
@@ -130,8 +172,15 @@ def _diffusers_teacher(folder):
 
     torch.manual_seed(0)
     sched = DDPMScheduler(num_train_timesteps=200)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     x0 = torch.as_tensor(load_data(build_config("digits").data, 0).train[:256]) * 2 - 1
     opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
     for _ in range(5):
@@ -147,18 +196,19 @@ def _diffusers_teacher(folder):
 def test_a_saved_diffusers_teacher_is_distilled_through_the_same_code_path(tmp_path, capsys):
     _diffusers_teacher(tmp_path / "ddpm")
     out = tmp_path / "demo"
-    assert main(["demo", "--teacher", str(tmp_path / "ddpm"), "--out", str(out), *IMAGE_ARGS]) == 0
+    assert main(["demo", "--pretrained", str(tmp_path / "ddpm"), "--out", str(out), *IMAGE_ARGS]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["measure"] == "fid" and "pretrained" in s["budgets"]["teacher"]
     assert [r["target_node"] for r in s["runs"]["disback"]["curve"]][-1] == 0
     assert np.isfinite([r["fid"] for r in s["runs"]["baseline"]["curve"]]).all()
     # The imported teacher is the diffusers model, weight for weight.
     from diffusers import UNet2DModel
-    from disback.models import load_model
+
+    from disback.storage.models import load_model
 
     teacher, meta = load_model(out / "teacher" / "teacher.safetensors")
     original = UNet2DModel.from_pretrained(tmp_path / "ddpm", subfolder="unet")
-    assert meta["precond"] == "vp"
+    assert meta.kind == "vp"
     assert all(torch.equal(a, b) for a, b in zip(teacher.unet.state_dict().values(), original.state_dict().values()))
 
 
@@ -172,10 +222,10 @@ def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classe
     assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 0
     assert (tmp_path / "pipe" / "model_index.json").is_file() and (tmp_path / "pipe" / "pipeline.py").is_file()
 
-    from disback.models import load_model
+    from disback.storage.models import load_model
 
     generator, meta = load_model(out / "disback" / "generator.safetensors")
-    assert meta["num_classes"] == classes
+    assert meta.num_classes == classes
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     labels = torch.tensor([3, 1, 4, 1]) if classes else None  # the pipeline's labels below
     with torch.no_grad():
@@ -184,15 +234,22 @@ def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classe
     script = (
         "import sys, numpy as np, torch\n"
         "from diffusers import DiffusionPipeline\n"
-        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, custom_pipeline={str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, "
+        f"custom_pipeline={str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
         f"z = torch.from_numpy(np.load({str(tmp_path / 'z.npy')!r}))\n"
         f"out = pipe(batch_size=4, noise=z, output_type='pt', class_labels={[3, 1, 4, 1] if classes else None}).images\n"
         f"np.save({str(tmp_path / 'images.npy')!r}, out.numpy())\n"
         "pil = pipe(batch_size=2, generator=torch.Generator().manual_seed(0)).images\n"
         "assert len(pil) == 2 and pil[0].size == (8, 8)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected.numpy(), atol=1e-5)
     # Exporting over a non-empty folder is refused.
@@ -207,7 +264,7 @@ def test_demo_on_a_folder_of_images_it_has_never_seen(tmp_path, capsys):
     for i in range(40):
         img = np.zeros((24, 24, 3), dtype=np.uint8)
         r, c = rng.integers(2, 14, size=2)
-        img[r: r + 8, c: c + 8, rng.integers(3)] = 255
+        img[r : r + 8, c : c + 8, rng.integers(3)] = 255
         Image.fromarray(img).save(folder / f"shape{i}.jpg" if i % 2 else folder / f"shape{i}.png")
     out = tmp_path / "demo"
     assert main(["demo", "--data", str(folder), "--out", str(out), *IMAGE_ARGS]) == 0

@@ -6,18 +6,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_config
 from disback import stages
 from disback.data import load_data
 from disback.errors import DisbackError
-from disback.lora import Adapted
-from disback.models import load_model
-from disback.path import DegradationPath
-from disback.weights import load_weights, save_weights
-
-from conftest import tiny_config
+from disback.method.lora import Adapted
+from disback.method.path import DegradationPath
+from disback.storage.models import load_model
+from disback.storage.weights import load_weights, save_weights
 
 
-def test_an_adapter_shares_the_teachers_tensors_starts_as_the_teacher_and_owns_only_its_adapters(tiny_teacher, tmp_path):
+def test_an_adapter_shares_the_teachers_tensors_starts_as_the_teacher_and_owns_only_its_adapters(
+    tiny_teacher, tmp_path
+):
     teacher, _ = load_model(tiny_teacher[0])
     adapted = Adapted(teacher, rank=4)
     base = {id(p) for p in teacher.parameters()}
@@ -50,7 +51,9 @@ def test_lora_path_and_distillation_train_adapters_only_and_load_every_node_exac
     assert any(float(v.abs().max()) > 0 for k, v in nodes[-1].items() if "lora_B" in k)  # the adapters did train
 
     data = load_data(cfg.data, cfg.seed)
-    result = stages.distill(cfg, data, teacher_file, DegradationPath.load(path.root), tmp_path / "run", show_progress=False)
+    result = stages.distill(
+        cfg, data, teacher_file, DegradationPath.load(path.root), tmp_path / "run", show_progress=False
+    )
     assert result["switches"] and (tmp_path / "run" / "generator.safetensors").is_file()
     fake = load_file(str(tmp_path / "run" / "fake.safetensors"))
     assert set(fake) == set(nodes[-1]) and any(not torch.equal(fake[k], nodes[-1][k]) for k in fake)
@@ -62,4 +65,6 @@ def test_lora_path_and_distillation_train_adapters_only_and_load_every_node_exac
 
     full = tiny_config(network={"hidden": 64})
     with pytest.raises(DisbackError, match="lora_rank=4"):
-        stages.distill(full, data, teacher_file, DegradationPath.load(path.root), tmp_path / "mismatch", show_progress=False)
+        stages.distill(
+            full, data, teacher_file, DegradationPath.load(path.root), tmp_path / "mismatch", show_progress=False
+        )

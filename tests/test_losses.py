@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-import pytest
-
-from disback.gan import bottleneck, head_for
-from disback.losses import (
+from conftest import tiny_config
+from disback.diffusion.denoisers import build_denoiser
+from disback.diffusion.losses import (
     dmd_generator_loss,
     dsm_loss,
     gan_discriminator_loss,
@@ -18,9 +18,7 @@ from disback.losses import (
     sid_generator_loss,
     vsd_generator_loss,
 )
-from disback.models import build_denoiser
-
-from conftest import tiny_config
+from disback.method.gan import bottleneck, head_for
 
 
 class GaussianDenoiser(nn.Module):
@@ -75,16 +73,24 @@ def test_dmd_gradient_points_from_target_to_fake():
     assert torch.allclose(x0.grad, x1.grad)
 
 
-GENERATOR_LOSSES = {"vsd": (vsd_generator_loss, False), "dmd": (dmd_generator_loss, False), "sid": (sid_generator_loss, True)}
+GENERATOR_LOSSES = {
+    "vsd": (vsd_generator_loss, False),
+    "dmd": (dmd_generator_loss, False),
+    "sid": (sid_generator_loss, True),
+}
 
 
-def _mean_gradient(method: str, shift: torch.Tensor, goal: torch.Tensor, s: float = 0.5, n: int = 20000) -> torch.Tensor:
+def _mean_gradient(
+    method: str, shift: torch.Tensor, goal: torch.Tensor, s: float = 0.5, n: int = 20000
+) -> torch.Tensor:
     """dL/d(shift) for a generator x0 = shift + s z against the target N(goal, s^2), both scores exact."""
     loss_fn, through = GENERATOR_LOSSES[method]
     shift = shift.clone().requires_grad_(True)
     x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(1)) * s + shift
     sigma = karras_sigma(n, 0.02, 10.0, generator=torch.Generator().manual_seed(2))
-    x_sigma = (x0 if through else x0.detach()) + sigma[:, None] * torch.randn(n, 2, generator=torch.Generator().manual_seed(3))
+    x_sigma = (x0 if through else x0.detach()) + sigma[:, None] * torch.randn(
+        n, 2, generator=torch.Generator().manual_seed(3)
+    )
     with torch.set_grad_enabled(through):
         d_fake = GaussianDenoiser(shift.detach(), s)(x_sigma, sigma)
         d_target = GaussianDenoiser(goal, s)(x_sigma, sigma)
@@ -150,8 +156,14 @@ def test_gan_head_learns_to_tell_real_from_generated_and_pushes_samples_toward_r
 def test_bottleneck_is_found_for_both_backbones():
     mlp = build_denoiser(tiny_config().network, (2,), 1.0)
     assert bottleneck(mlp) == (mlp.backbone.out, True)  # the last hidden state, the output layer's input
-    unet = build_denoiser(tiny_config(network={"kind": "unet", "channels": [8, 16], "attention": [False, False]},
-                                      data={"name": "digits", "resolution": 8, "channels": 1}).network, (1, 8, 8), 0.5)
+    unet = build_denoiser(
+        tiny_config(
+            network={"kind": "unet", "channels": [8, 16], "attention": [False, False]},
+            data={"name": "digits", "resolution": 8, "channels": 1},
+        ).network,
+        (1, 8, 8),
+        0.5,
+    )
     head, _ = head_for(unet, torch.zeros(2, 1, 8, 8), 1.0)
     assert bottleneck(unet) == (unet.backbone.unet.mid_block, False) and head(torch.zeros(3, 16, 4, 4)).shape == (3,)
 

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import copy
-import warnings
+import logging
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from disback import stages
-from disback.data import load_data
-from disback.errors import DisbackError
-from disback.models import build_denoiser, generator_from_teacher, load_model
-from disback.path import AdaptiveSchedule, DegradationPath, FixedSchedule, WarmStart
-from disback.recording import DistanceProbe, StepRecorder
-from disback.tasks import Distillation, ScoreFitting
-from disback.train import train_loop
-from disback.weights import load_weights, save_weights, sha256_file
-
 from conftest import tiny_config
+from disback import stages
+from disback.diffusion.denoisers import build_denoiser
+from disback.engine.loop import train_loop
+from disback.errors import DisbackError
+from disback.method.distillation import Distillation
+from disback.method.path import DegradationPath
+from disback.method.recording import DistanceProbe, StepRecorder
+from disback.method.schedules import AdaptiveSchedule, FixedSchedule, WarmStart
+from disback.method.score_fitting import ScoreFitting
+from disback.stages.distill import warn_short_walk
+from disback.stages.runtime import accelerator
+from disback.storage.files import sha256_file
+from disback.storage.meta import ModelMeta
+from disback.storage.models import generator_from_teacher, load_model, save_model
+from disback.storage.weights import load_weights, save_weights
+
+POINT_META = ModelMeta(role="denoiser", kind="edm", shape=[2], normaliser={"mean": 0.0, "scale": 1.0})
 
 
 def _equal(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
@@ -41,11 +49,18 @@ def test_recorder_writes_n_plus_one_nodes_matching_sha_and_the_model_at_their_st
     teacher_file, cfg = tiny_teacher
     teacher, meta = load_model(teacher_file)
     degrading = copy.deepcopy(teacher).requires_grad_(True)
-    gen0 = generator_from_teacher(teacher, cfg.distill.sigma_g).requires_grad_(False)
+    gen0 = generator_from_teacher(teacher, meta, cfg.distill.sigma_g).requires_grad_(False)
     path = DegradationPath.create(tmp_path / "path", {})
     path.add_node(degrading, 0, meta)
-    task = ScoreFitting(degrading, lambda n: (gen0(torch.randn(n, 2)), None), batch=32, lr=1e-3, edm=cfg.edm,
-                        accelerator=stages.accelerator(), stage="degrade")
+    task = ScoreFitting(
+        degrading,
+        lambda n: (gen0(torch.randn(n, 2)), None),
+        batch=32,
+        lr=1e-3,
+        edm=cfg.edm,
+        accelerator=accelerator(),
+        stage="degrade",
+    )
     snaps = Snapshots(degrading)
     probe = DistanceProbe(teacher, gen0(torch.randn(32, 2)), None, cfg.edm)
     train_loop(task, 12, callbacks=[StepRecorder(path, degrading, [4, 8, 12], meta, probe), snaps], show_progress=False)
@@ -59,14 +74,19 @@ def test_recorder_writes_n_plus_one_nodes_matching_sha_and_the_model_at_their_st
         expected = teacher.state_dict() if node.step == 0 else snaps.states[node.step]
         state = load_file(str(file))
         assert state.keys() == expected.keys()
-        assert all(torch.equal(state[k], expected[k]) for k in state), f"node {node.index} differs from the model at step {node.step}"
+        assert all(torch.equal(state[k], expected[k]) for k in state), (
+            f"node {node.index} differs from the model at step {node.step}"
+        )
     # Each node's recorded distance is the probe's measure of that node's weights.
     for node in reloaded.nodes[1:]:
         model = copy.deepcopy(teacher)
         model.load_state_dict(snaps.states[node.step])
         assert node.distance == pytest.approx(probe(model)) and node.distance > 0
     # The model kept training after a node was saved: consecutive nodes must differ.
-    a, b = load_file(str(tmp_path / "path" / reloaded.nodes[1].file)), load_file(str(tmp_path / "path" / reloaded.nodes[2].file))
+    a, b = (
+        load_file(str(tmp_path / "path" / reloaded.nodes[1].file)),
+        load_file(str(tmp_path / "path" / reloaded.nodes[2].file)),
+    )
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -107,7 +127,7 @@ def _distinct_path(root, cfg, n_nodes):
         torch.manual_seed(100 + i)
         for p in model.parameters():
             p.data.normal_(0, 0.1)
-        path.add_node(model, i * 10, {})
+        path.add_node(model, i * 10, POINT_META)
     return path, model
 
 
@@ -117,10 +137,20 @@ def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exac
     schedule = FixedSchedule(5, 3) if kind == "fixed" else AdaptiveSchedule(5, ratio=0.5, min_dwell=2, max_dwell=4)
     path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=5)
     node_states = {n.index: load_file(str(tmp_path / "path" / n.file)) for n in path.nodes}
-    generator = generator_from_teacher(model, cfg.distill.sigma_g)
+    generator = generator_from_teacher(model, POINT_META, cfg.distill.sigma_g)
     fake, target = copy.deepcopy(model), copy.deepcopy(model)
-    task = Distillation(generator, fake, target, path, schedule, cfg=cfg.distill, edm=cfg.edm,
-                        shape=(2,), accelerator=stages.accelerator(), stage="backtrack")
+    task = Distillation(
+        generator,
+        fake,
+        target,
+        path,
+        schedule,
+        cfg=cfg.distill,
+        edm=cfg.edm,
+        shape=(2,),
+        accelerator=accelerator(),
+        stage="backtrack",
+    )
     assert _equal(fake, node_states[4]), "the fake score must start at the last node"
 
     seen = []
@@ -176,9 +206,19 @@ def test_a_node_corrupted_before_it_is_read_ahead_fails_the_switch(tmp_path):
     cfg = tiny_config()
     path, model = _distinct_path(tmp_path / "path", cfg, n_nodes=3)
     _flip_a_byte(tmp_path / "path" / path.nodes[0].file)
-    generator = generator_from_teacher(model, cfg.distill.sigma_g)
-    task = Distillation(generator, copy.deepcopy(model), copy.deepcopy(model), path, FixedSchedule(3, 2), cfg=cfg.distill,
-                        edm=cfg.edm, shape=(2,), accelerator=stages.accelerator(), stage="backtrack")
+    generator = generator_from_teacher(model, POINT_META, cfg.distill.sigma_g)
+    task = Distillation(
+        generator,
+        copy.deepcopy(model),
+        copy.deepcopy(model),
+        path,
+        FixedSchedule(3, 2),
+        cfg=cfg.distill,
+        edm=cfg.edm,
+        shape=(2,),
+        accelerator=accelerator(),
+        stage="backtrack",
+    )
     task.train_step()  # on node 1; node 0 (the corrupted one) is read ahead in the background
     with pytest.raises(DisbackError, match="sha256"):
         task.train_step()  # the switch to node 0
@@ -190,16 +230,18 @@ def test_a_path_from_another_teacher_is_refused(tiny_teacher, tmp_path):
     other = tmp_path / "other.safetensors"
     teacher, meta = load_model(teacher_file)
     torch.nn.init.zeros_(next(teacher.parameters()))
-    save_weights(teacher, other, meta)
+    save_model(teacher, other, meta)
     with pytest.raises(DisbackError, match="another teacher"):
         stages.load_path_for(other, tmp_path / "path")
 
 
-def test_a_fixed_walk_that_ends_after_the_budget_is_warned_with_the_fix():
+def test_a_fixed_walk_that_ends_after_the_budget_is_warned_with_the_fix(caplog):
     cfg = tiny_config(distill={"steps": 30, "switch_every": 10, "schedule": "fixed"})
-    with pytest.warns(UserWarning, match=r"reaches the teacher at step 30.*switch_every to at most 5"):
-        stages.warn_short_walk(cfg, 4)  # 3 switches x 10 steps: the teacher only when the budget has ended
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        stages.warn_short_walk(cfg, 3)  # at step 20 of 30: fine
-        stages.warn_short_walk(tiny_config(distill={"steps": 30, "switch_every": 10, "schedule": "adaptive"}), 4)
+    with caplog.at_level(logging.WARNING, logger="disback"):
+        warn_short_walk(cfg, 4)  # 3 switches x 10 steps: the teacher only when the budget has ended
+    assert re.search(r"reaches the teacher at step 30.*switch_every to at most 5", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="disback"):
+        warn_short_walk(cfg, 3)  # at step 20 of 30: fine
+        warn_short_walk(tiny_config(distill={"steps": 30, "switch_every": 10, "schedule": "adaptive"}), 4)
+    assert caplog.text == ""

@@ -8,11 +8,14 @@ import random
 import pytest
 import torch
 
-from disback import stages
-from disback.path import AdaptiveSchedule, DegradationPath
-from disback.recording import DistanceRecorder, evenness, node_steps, probe_steps
-
 from conftest import tiny_config
+from disback import stages
+from disback.method.path import DegradationPath
+from disback.method.recording import DistanceRecorder, evenness, node_steps, probe_steps
+from disback.method.schedules import AdaptiveSchedule
+from disback.storage.meta import ModelMeta
+
+WALKER_META = ModelMeta(role="denoiser", kind="edm", shape=[1], normaliser={"mean": 0.0, "scale": 1.0})
 
 
 class Walker(torch.nn.Module):
@@ -28,9 +31,10 @@ def test_distance_recorder_spaces_nodes_evenly_on_a_fast_early_curve(tmp_path):
     curve = lambda t: 1.0 - math.exp(-t / 12.0)  # 97% of the way within the first 10% of the steps
     model = Walker()
     path = DegradationPath.create(tmp_path / "path", {})
-    path.add_node(model, 0, {}, 0.0)
-    recorder = DistanceRecorder(path, model, nodes, steps, probes=0, candidates=4, metadata={},
-                                probe=lambda m: float(m.w.detach()))
+    path.add_node(model, 0, WALKER_META, 0.0)
+    recorder = DistanceRecorder(
+        path, model, nodes, steps, probes=0, candidates=4, meta=WALKER_META, probe=lambda m: float(m.w.detach())
+    )
     for t in range(1, steps + 1):
         model.w.data.fill_(curve(t))
         recorder.on_step_end(t, None)

@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_ARGS, tiny_config
 from disback import stages
-from disback.checkpoint import Checkpoints
 from disback.cli import main
 from disback.data import load_data
+from disback.engine.checkpoint import Checkpoints
+from disback.engine.log import read_metrics
 from disback.errors import DisbackError
-from disback.path import DegradationPath
-from disback.train import read_metrics
-
-from conftest import TINY_ARGS, tiny_config
+from disback.method.path import DegradationPath
+from disback.stages.common import DataSource
 
 CKPT = {"run": {"checkpoint_every": 5, "keep": 3}}
 
@@ -40,19 +40,11 @@ class Crash:
             raise KeyboardInterrupt
 
 
-def interrupted(monkeypatch, run, at: int):
-    """``run(resume)`` crashed at step ``at``, then resumed."""
-    real = stages.train_loop
-
-    def crashing(task, steps, **kw):
-        kw["callbacks"] = [*kw.get("callbacks", ()), Crash(at)]
-        return real(task, steps, **kw)
-
-    monkeypatch.setattr(stages, "train_loop", crashing)
+def interrupted(run, at: int):
+    """``run(resume, callbacks)`` crashed at step ``at``, then resumed."""
     with pytest.raises(KeyboardInterrupt):
-        run(False)
-    monkeypatch.setattr(stages, "train_loop", real)
-    return run(True)
+        run(False, [Crash(at)])
+    return run(True, [])
 
 
 def same_files(a: Path, b: Path, names: list[str]) -> None:
@@ -70,7 +62,7 @@ def test_teacher_resumes_bit_identically(monkeypatch, tmp_path):
     cfg = tiny_config(teacher={"steps": 40}, **CKPT)
     data = load_data(cfg.data, cfg.seed)
     stages.train_teacher(cfg, data, tmp_path / "a", show_progress=False)
-    interrupted(monkeypatch, lambda resume: stages.train_teacher(cfg, data, tmp_path / "b", False, resume), at=17)
+    interrupted(lambda resume, cbs: stages.train_teacher(cfg, data, tmp_path / "b", False, resume, cbs), at=17)
     same_files(tmp_path / "a", tmp_path / "b", ["teacher.safetensors"])
     same_metrics(tmp_path / "a", tmp_path / "b")
     assert np.array_equal(np.load(tmp_path / "a" / "samples.npy"), np.load(tmp_path / "b" / "samples.npy"))
@@ -81,49 +73,52 @@ def test_degradation_recording_resumes_bit_identically(tiny_teacher, monkeypatch
     teacher_file, _ = tiny_teacher
     cfg = tiny_config(network={"hidden": 64}, degrade={"spacing": spacing, "steps": 30}, **CKPT)
     a = stages.record_path(cfg, teacher_file, tmp_path / "a", show_progress=False)
-    b = interrupted(monkeypatch, lambda resume: stages.record_path(cfg, teacher_file, tmp_path / "b", False, resume), at=13)
-    assert b.complete and [(n.step, n.sha256, n.distance) for n in a.nodes] == [(n.step, n.sha256, n.distance) for n in b.nodes]
+    b = interrupted(
+        lambda resume, cbs: stages.record_path(cfg, teacher_file, tmp_path / "b", False, resume, cbs), at=13
+    )
+    assert b.complete and [(n.step, n.sha256, n.distance) for n in a.nodes] == [
+        (n.step, n.sha256, n.distance) for n in b.nodes
+    ]
 
 
 @pytest.mark.parametrize("method,schedule", [("dmd", "adaptive"), ("dmd2", "fixed")])
 def test_backtracking_resumes_bit_identically(tiny_teacher, monkeypatch, tmp_path, method, schedule):
     teacher_file, _ = tiny_teacher
-    cfg = tiny_config(network={"hidden": 64}, distill={"method": method, "schedule": schedule, "steps": 24,
-                                                       "min_dwell": 2, "max_dwell": 4}, **CKPT)
+    cfg = tiny_config(
+        network={"hidden": 64},
+        distill={"method": method, "schedule": schedule, "steps": 24, "min_dwell": 2, "max_dwell": 4},
+        **CKPT,
+    )
     data = load_data(cfg.data, cfg.seed)
     path = stages.record_path(cfg, teacher_file, tmp_path / "path", show_progress=False)
     a = stages.distill(cfg, data, teacher_file, path, tmp_path / "a", show_progress=False)
-    b = interrupted(monkeypatch, lambda resume: stages.distill(cfg, data, teacher_file, path, tmp_path / "b", False, resume), at=13)
+    b = interrupted(
+        lambda resume, cbs: stages.distill(cfg, data, teacher_file, path, tmp_path / "b", False, resume, cbs), at=13
+    )
     assert a["switches"] == b["switches"] and len(a["switches"]) == 3
     same_files(tmp_path / "a", tmp_path / "b", ["generator.safetensors", "fake.safetensors"])
     same_metrics(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_teacher, monkeypatch, tmp_path, capsys, damage):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_teacher, tmp_path, caplog, damage):
     teacher_file, _ = tiny_teacher
     cfg = tiny_config(network={"hidden": 64}, distill={"steps": 20}, **CKPT)
     data = load_data(cfg.data, cfg.seed)
     stages.distill(cfg, data, teacher_file, None, tmp_path / "a", show_progress=False)
-    real = stages.train_loop
-
-    def crashing(task, steps, **kw):
-        kw["callbacks"] = [Crash(17)]
-        return real(task, steps, **kw)
-
-    monkeypatch.setattr(stages, "train_loop", crashing)
     with pytest.raises(KeyboardInterrupt):
-        stages.distill(cfg, data, teacher_file, None, tmp_path / "b", show_progress=False)
-    monkeypatch.setattr(stages, "train_loop", real)
+        stages.distill(cfg, data, teacher_file, None, tmp_path / "b", show_progress=False, callbacks=[Crash(17)])
     folder = tmp_path / "b" / "checkpoints"
     entries = Checkpoints(folder).entries()
     assert [e["step"] for e in entries] == [5, 10, 15]  # keep=3, each complete
     newest = folder / entries[-1]["file"]
     raw = bytearray(newest.read_bytes())
-    newest.write_bytes(bytes(raw[: len(raw) // 2]) if damage == "truncate" else bytes(raw[:-5] + bytes([raw[-5] ^ 1]) + raw[-4:]))
+    newest.write_bytes(
+        bytes(raw[: len(raw) // 2]) if damage == "truncate" else bytes(raw[:-5] + bytes([raw[-5] ^ 1]) + raw[-4:])
+    )
     (folder / ".checkpoint-000000020.safetensors.tmp").write_bytes(b"half a save")  # a save the kill interrupted
     stages.distill(cfg, data, teacher_file, None, tmp_path / "b", show_progress=False, resume=True)
-    assert "trying an older checkpoint" in capsys.readouterr().out
+    assert "trying an older checkpoint" in caplog.text
     same_files(tmp_path / "a", tmp_path / "b", ["generator.safetensors"])
 
 
@@ -133,7 +128,11 @@ def test_old_checkpoints_are_pruned_and_none_readable_is_a_clear_error(tiny_teac
     data = load_data(cfg.data, cfg.seed)
     stages.distill(cfg, data, teacher_file, None, tmp_path / "a", show_progress=False)
     folder = tmp_path / "a" / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000000015.safetensors", "checkpoint-000000020.safetensors", "index.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint-000000015.safetensors",
+        "checkpoint-000000020.safetensors",
+        "index.json",
+    ]
     for f in folder.glob("*.safetensors"):
         f.write_bytes(b"not a checkpoint")
     with pytest.raises(DisbackError, match="no checkpoint .* can be read; delete"):
@@ -149,18 +148,29 @@ class Poison:
     def on_step_end(self, step, task):
         if step == self.at:
             with torch.no_grad():
-                next(task.generator_module.parameters()).view(-1)[0] = float("nan")
+                next(task.generator.parameters()).view(-1)[0] = float("nan")
 
 
-@pytest.mark.parametrize("at,message", [(12, r"loss 'generator' became non-finite at step 13; the last good checkpoint \(step 10\)"),
-                                        (10, r"weights became non-finite by step 10; the last good checkpoint \(step 5\)")])
-def test_nan_in_a_weight_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_teacher, monkeypatch, tmp_path, at, message):
+@pytest.mark.parametrize(
+    "at,message",
+    [
+        (12, r"loss 'generator' became non-finite at step 13; the last good checkpoint \(step 10\)"),
+        (10, r"weights became non-finite by step 10; the last good checkpoint \(step 5\)"),
+    ],
+)
+def test_nan_in_a_weight_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_teacher, tmp_path, at, message):
     teacher_file, _ = tiny_teacher
     cfg = tiny_config(network={"hidden": 64}, distill={"steps": 20}, **CKPT)
-    real = stages.train_loop
-    monkeypatch.setattr(stages, "train_loop", lambda task, steps, **kw: real(task, steps, **{**kw, "callbacks": [Poison(at)]}))
     with pytest.raises(DisbackError, match=message):
-        stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, None, tmp_path / "run", show_progress=False)
+        stages.distill(
+            cfg,
+            load_data(cfg.data, cfg.seed),
+            teacher_file,
+            None,
+            tmp_path / "run",
+            show_progress=False,
+            callbacks=[Poison(at)],
+        )
     step, state = Checkpoints(tmp_path / "run" / "checkpoints").latest()
     assert step == (10 if at == 12 else 5)
     assert all(torch.isfinite(v).all() for v in state["task"]["generator"].values())
@@ -169,14 +179,14 @@ def test_nan_in_a_weight_stops_at_its_step_and_keeps_the_last_good_checkpoint(ti
 def test_skip_mode_skips_a_bad_batch_and_counts_it(monkeypatch, tmp_path):
     cfg = tiny_config(teacher={"steps": 20}, run={"on_nonfinite": "skip", "checkpoint_every": 5})
     calls = {"n": 0}
-    real_call = stages.DataSource.__call__
+    real_call = DataSource.__call__
 
     def flaky(self, n):
         calls["n"] += 1
         x, y = real_call(self, n)
         return (x * float("nan"), y) if calls["n"] == 7 else (x, y)
 
-    monkeypatch.setattr(stages.DataSource, "__call__", flaky)
+    monkeypatch.setattr(DataSource, "__call__", flaky)
     stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), tmp_path / "t", show_progress=False)
     assert read_metrics(tmp_path / "t" / "metrics.jsonl")[-1]["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "t" / "teacher.safetensors")).values())
@@ -186,11 +196,21 @@ def test_a_broken_path_fails_before_any_training(tiny_teacher, tmp_path, capsys)
     teacher_file, cfg = tiny_teacher
     stages.record_path(cfg, teacher_file, tmp_path / "path", show_progress=False)
     manifest = json.loads((tmp_path / "path" / "manifest.json").read_text())
-    args = ["backtrack", "--teacher", str(teacher_file), "--path", str(tmp_path / "path"), *TINY_ARGS, "--set", "network.hidden=64"]
+    args = [
+        "backtrack",
+        "--teacher",
+        str(teacher_file),
+        "--path",
+        str(tmp_path / "path"),
+        *TINY_ARGS,
+        "--set",
+        "network.hidden=64",
+    ]
     # A node file that is not safetensors, even with a matching sha256 in the manifest.
     node = tmp_path / "path" / manifest["nodes"][2]["file"]
     node.write_text("these are not weights")
     import hashlib
+
     manifest["nodes"][2]["sha256"] = hashlib.sha256(node.read_bytes()).hexdigest()
     (tmp_path / "path" / "manifest.json").write_text(json.dumps(manifest))
     assert main([*args, "--out", str(tmp_path / "r1")]) == 2
@@ -223,10 +243,25 @@ def test_stage_folders_are_not_overwritten_without_being_asked(tmp_path, capsys)
 def test_a_demo_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
     """A real SIGKILL of a real process, at a random moment after its first checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    args = [sys.executable, "-m", "disback", "demo", *TINY_ARGS, "--set", "teacher.steps=600", "--set", "distill.steps=150",
-            "--set", "run.checkpoint_every=10"]
-    whole = subprocess.Popen([*args, "--out", str(tmp_path / "a")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    victim = subprocess.Popen([*args, "--out", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        "-m",
+        "disback",
+        "demo",
+        *TINY_ARGS,
+        "--set",
+        "teacher.steps=600",
+        "--set",
+        "distill.steps=150",
+        "--set",
+        "run.checkpoint_every=10",
+    ]
+    whole = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "a")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    victim = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "b").glob("*/checkpoints/index.json")) and time.time() < deadline:
         time.sleep(0.05)
@@ -237,15 +272,16 @@ def test_a_demo_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert whole.wait() == 0, whole.stderr.read()
     same_files(tmp_path / "a" / "teacher", tmp_path / "b" / "teacher", ["teacher.safetensors"])
-    assert [n.sha256 for n in DegradationPath.load(tmp_path / "a" / "path").nodes] == \
-        [n.sha256 for n in DegradationPath.load(tmp_path / "b" / "path").nodes]
+    assert [n.sha256 for n in DegradationPath.load(tmp_path / "a" / "path").nodes] == [
+        n.sha256 for n in DegradationPath.load(tmp_path / "b" / "path").nodes
+    ]
     for run in ("disback", "baseline"):
         same_files(tmp_path / "a" / run, tmp_path / "b" / run, ["generator.safetensors"])
 
 
 def test_a_recording_stopped_at_its_plateau_stays_stopped_when_resumed(tiny_teacher, monkeypatch, tmp_path):
     """Killed after the loop ended early (plateau) but before the nodes were written: resuming must not train on."""
-    from disback.recording import DistanceRecorder
+    from disback.method.recording import DistanceRecorder
 
     teacher_file, _ = tiny_teacher
     cfg = tiny_config(network={"hidden": 64}, degrade={"spacing": "distance", "steps": 400, "plateau": 0.2}, **CKPT)
@@ -266,12 +302,11 @@ def test_resuming_from_another_teacher_is_refused(tiny_teacher, tmp_path, capsys
     other.write_bytes(teacher_file.read_bytes())
     args = ["degrade", "--out", str(tmp_path / "p"), *TINY_ARGS, "--set", "network.hidden=64"]
     assert main([*args, "--teacher", str(teacher_file)]) == 0
-    from disback.models import load_model
-    from disback.weights import save_weights
+    from disback.storage.models import load_model, save_model
 
     model, meta = load_model(teacher_file)
     torch.nn.init.zeros_(next(model.parameters()))
-    save_weights(model, other, meta)
+    save_model(model, other, meta)
     assert main([*args, "--teacher", str(other), "--resume"]) == 2
     assert "another teacher or path" in capsys.readouterr().err
     # --overwrite checks the new settings before it deletes anything: a typo leaves the old run in place.

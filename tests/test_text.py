@@ -10,14 +10,44 @@ from pathlib import Path
 import pytest
 import torch
 
+from disback.cli import main
 from disback.errors import DisbackError
 from disback.text import read_prompts
 
 PROMPTS = ["a red square", "a blue circle", "green stripes"]
-TINY_TEXT = ["--set", "degrade.steps=6", "--set", "degrade.nodes=2", "--set", "degrade.batch=4", "--set", "degrade.spacing=steps",
-             "--set", "degrade.plateau=0", "--set", "distill.steps=6", "--set", "distill.batch=4", "--set", "distill.fake_updates=1",
-             "--set", "distill.schedule=fixed", "--set", "distill.switch_every=2", "--set", "eval.every=3", "--set", "data.n_eval=10",
-             "--set", "run.precision=fp32", "--set", "run.gradient_checkpointing=false", "--set", "text.guidance=3", "--quiet"]
+TINY_TEXT = [
+    "--set",
+    "degrade.steps=6",
+    "--set",
+    "degrade.nodes=2",
+    "--set",
+    "degrade.batch=4",
+    "--set",
+    "degrade.spacing=steps",
+    "--set",
+    "degrade.plateau=0",
+    "--set",
+    "distill.steps=6",
+    "--set",
+    "distill.batch=4",
+    "--set",
+    "distill.fake_updates=1",
+    "--set",
+    "distill.schedule=fixed",
+    "--set",
+    "distill.switch_every=2",
+    "--set",
+    "eval.every=3",
+    "--set",
+    "data.n_eval=10",
+    "--set",
+    "run.precision=fp32",
+    "--set",
+    "run.gradient_checkpointing=false",
+    "--set",
+    "text.guidance=3",
+    "--quiet",
+]
 
 
 def tokenizer_files(folder: Path) -> None:
@@ -34,29 +64,90 @@ def tokenizer_files(folder: Path) -> None:
 
 def build_pipeline(root: Path, xl: bool) -> Path:
     """A tiny StableDiffusionPipeline (or StableDiffusionXLPipeline) saved with save_pretrained."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
     tokenizer_files(root / "tok")
     tokenizer = CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"), model_max_length=77)
-    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4,
-                 cross_attention_dim=32) if xl else dict(cross_attention_dim=16)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                attention_head_dim=4, norm_num_groups=8, **extra)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+    )
+    extra = (
+        dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=16 + 6 * 4,
+            cross_attention_dim=32,
+        )
+        if xl
+        else dict(cross_attention_dim=16)
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        norm_num_groups=8,
+        **extra,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     if xl:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
-                                         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=tokenizer,
-                                         unet=unet, scheduler=scheduler)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+            tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
     else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"
 
@@ -72,7 +163,7 @@ image = pipe("a red square", num_inference_steps=1, guidance_scale=0, timesteps=
 assert image.shape[-1] == 3 and image.min() >= 0 and image.max() <= 1, image.shape
 z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 latents = pipe("a red square", num_inference_steps=1, guidance_scale=0, timesteps=[399], latents=z, output_type="latent").images
-from disback.models import load_model
+from disback.storage.models import load_model
 generator, meta = load_model(sys.argv[2])
 with torch.no_grad():
     ours = generator(z, torch.tensor([0]))  # prompt 0 of the prompts file is "a red square"
@@ -84,14 +175,33 @@ print("ok", type(pipe).__name__)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("xl", [False, True], ids=["sd15", "sdxl"])
-def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffusers(tmp_path, xl):
+def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffusers(tmp_path, capsys, xl):
     pipeline = build_pipeline(tmp_path, xl)
     prompts = tmp_path / ("prompts.jsonl" if xl else "prompts.txt")
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) if xl else "\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "run"
-    lora = ["--set", "network.lora_rank=4"] if xl else []  # SDXL as docs/text-to-image.md runs it: LoRA fake score and nodes
-    proc = subprocess.run([sys.executable, "-m", "disback", "text", "--pretrained", str(pipeline), "--prompts", str(prompts),
-                           "--out", str(out), *TINY_TEXT, *lora], capture_output=True, text=True, timeout=600)
+    lora = (
+        ["--set", "network.lora_rank=4"] if xl else []
+    )  # SDXL as docs/text-to-image.md runs it: LoRA fake score and nodes
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "disback",
+            "text",
+            "--pretrained",
+            str(pipeline),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            *TINY_TEXT,
+            *lora,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "timesteps=[399]" in proc.stdout
 
@@ -101,14 +211,32 @@ def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffu
     records = [json.loads(line) for line in (out / "disback" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["target_node"]) for r in records] == [(0, 1), (3, 0), (6, 0)]  # the teacher from step 2
     assert json.loads((out / "disback" / "result.json").read_text())["switches"] == [2]
-    table = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "teacher" / "prompts.safetensors"))
+    table = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(out / "teacher" / "prompts.safetensors")
+    )
     assert table["embeds"].shape[0] == len(PROMPTS) + 1  # the prompts and the unconditional row
     assert ("pooled" in table) == xl
 
-    sample = subprocess.run([sys.executable, "-c", SAMPLE, str(out / "pipeline"), str(out / "disback" / "generator.safetensors")],
-                            capture_output=True, text=True, timeout=300)
+    sample = subprocess.run(
+        [sys.executable, "-c", SAMPLE, str(out / "pipeline"), str(out / "disback" / "generator.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert ("StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline") in sample.stdout
+
+    # `disback sample` does not draw text models: it says in one line how to sample them (their one-step pipeline)
+    capsys.readouterr()
+    for model in (out / "teacher" / "teacher.safetensors", out / "disback" / "generator.safetensors"):
+        assert main(["sample", str(model), "--out", str(tmp_path / "x.npy")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert "DiffusionPipeline.from_pretrained" in err and "timesteps=[399]" in err
+    assert not (tmp_path / "x.npy").exists()
+    # `disback export` writes a text generator's pipeline as the text plugin does
+    assert main(["export", str(out / "disback"), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["scheduler"][1] == "LCMScheduler"
 
 
 def test_prompts_files_are_read_or_refused_clearly(tmp_path):
@@ -137,20 +265,42 @@ def test_dmd2_takes_real_images_with_captions_for_its_gan_term(tmp_path):
     pipeline = build_pipeline(tmp_path, xl=False)
     (tmp_path / "images").mkdir()
     rows = []
-    for i, (colour, caption) in enumerate([((255, 0, 0), "a red square"), ((0, 0, 255), "a blue square"), ((0, 255, 0), "a red square")]):
-        Image.new("RGB", (24 + 8 * i, 16), colour).save(tmp_path / "images" / f"{i}.png")  # not square, not 16: cropped and resized
+    for i, (colour, caption) in enumerate(
+        [((255, 0, 0), "a red square"), ((0, 0, 255), "a blue square"), ((0, 255, 0), "a red square")]
+    ):
+        Image.new("RGB", (24 + 8 * i, 16), colour).save(
+            tmp_path / "images" / f"{i}.png"
+        )  # not square, not 16: cropped and resized
         rows.append(json.dumps({"image": f"images/{i}.png", "prompt": caption}))
     (tmp_path / "real.jsonl").write_text("\n".join(rows) + "\n")
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    args = ["--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), *TINY_TEXT, "--method", "dmd2",
-            "--set", "distill.fake_updates=2", "--no-backtrack"]
-    refused = subprocess.run([sys.executable, "-m", "disback", "text", *args, "--out", str(tmp_path / "none")],
-                             capture_output=True, text=True, timeout=300)
+    args = [
+        "--pretrained",
+        str(pipeline),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        *TINY_TEXT,
+        "--method",
+        "dmd2",
+        "--set",
+        "distill.fake_updates=2",
+        "--no-backtrack",
+    ]
+    refused = subprocess.run(
+        [sys.executable, "-m", "disback", "text", *args, "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode != 0 and "--real" in refused.stderr and not (tmp_path / "none" / "teacher").exists()
 
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "disback", "text", *args, "--real", str(tmp_path / "real.jsonl"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "disback", "text", *args, "--real", str(tmp_path / "real.jsonl"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     real = load_file(str(out / "teacher" / "real.safetensors"))
     # the captions join the prompt table (once each); each image is labelled with its caption's row
@@ -162,7 +312,9 @@ def test_dmd2_takes_real_images_with_captions_for_its_gan_term(tmp_path):
     with torch.no_grad():
         expected = vae.encode(red).latent_dist.mean * vae.config.scaling_factor
     assert torch.allclose(real["latents"][:1], expected, atol=1e-4)
-    assert torch.allclose(encode_images(str(pipeline), [tmp_path / "images" / "2.png"], 16), real["latents"][2:], atol=1e-5)
+    assert torch.allclose(
+        encode_images(str(pipeline), [tmp_path / "images" / "2.png"], 16), real["latents"][2:], atol=1e-5
+    )
     records = [json.loads(line) for line in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_head"] > 0 and "loss_generator_gan" in r for r in records[1:])
     assert (out / "pipeline" / "model_index.json").is_file()
@@ -175,7 +327,7 @@ def test_real_images_files_are_read_or_refused_clearly(tmp_path):
     (tmp_path / "ok.jsonl").write_text('{"image": "a.png", "prompt": "x"}\n\n{"image": "a.png", "text": "y"}\n')
     assert read_captions(tmp_path / "ok.jsonl") == [(tmp_path / "a.png", "x"), (tmp_path / "a.png", "y")]
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
-    with pytest.raises(DisbackError, match="line 1.*\"prompt\""):
+    with pytest.raises(DisbackError, match='line 1.*"prompt"'):
         read_captions(tmp_path / "bad.jsonl")
     (tmp_path / "gone.jsonl").write_text('{"image": "b.png", "prompt": "x"}\n')
     with pytest.raises(DisbackError, match="b.png does not exist"):

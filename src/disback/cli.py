@@ -1,68 +1,107 @@
-"""The `disback` command: one sub-command per stage, plus demo, sample, report and list.
+"""The `disback` command: one sub-command per stage, plus demo, text, sample, export, report and list.
 
-User errors (DisbackError) print one line, `error: ...`, and exit with status 2; no traceback.
+User errors (DisbackError) print one line, `error: ...`, and exit with status 2; no traceback. Warnings go through
+the "disback" logger to stderr, as `warning: ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
+from disback.config import choices
 from disback.errors import DisbackError
+
+log = logging.getLogger("disback")
+DATA_HELP = f"built-in data ({', '.join(choices.DATASETS)}), or {choices.USER_DATA}"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="toy2d", help="preset name or a .yaml file (default: toy2d)")
     p.add_argument("--config", help="a YAML file merged over the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one value, e.g. --set distill.steps=500 (repeatable)")
-    p.add_argument("--data", help="built-in data (ring8, grid25, moons, swissroll, checkerboard, digits, fashion), an .npy/.csv "
-                   "file of N x D points, or a folder / .npz of images")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one value, e.g. --set distill.steps=500 (repeatable)",
+    )
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--seed", type=int)
-    p.add_argument("--method", choices=["vsd", "dmd", "dmd2", "sid"],
-                   help="generator loss (distill.method): Diff-Instruct/VSD, DMD, DMD2 (DMD + GAN term), SiD")
+    p.add_argument(
+        "--method",
+        choices=list(choices.METHODS),
+        help=f"generator loss (distill.method): {choices.described(choices.METHODS)}",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
-                   "(finished stages are kept; the settings must be the same)")
-    p.add_argument("--overwrite", action="store_true", help="delete the run in --out (written by disback) and start again")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint "
+        "(finished stages are kept; the settings must be the same)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run in --out (written by disback) and start again"
+    )
+
+
+PRETRAINED = "a diffusers UNet2DModel + scheduler (folder or hub id) to distil instead of training a teacher"
+TEACHER_FILE = "teacher.safetensors or the folder holding it (written by `disback teacher`)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="disback", description="Distill a diffusion model into a one-step generator with Distribution Backtracking.")
+    parser = argparse.ArgumentParser(
+        prog="disback",
+        description="Distill a diffusion model into a one-step generator with Distribution Backtracking.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the main job: teacher, degradation path, DisBack and the baseline, report")
     _common(p)
-    p.add_argument("--teacher", dest="pretrained", help="distil this diffusers UNet2DModel (folder or hub id) instead of training a teacher")
+    p.add_argument("--pretrained", help=PRETRAINED)
+    p.add_argument(
+        "--teacher",
+        help=f"{TEACHER_FILE}, used instead of training one (a diffusers model here is the "
+        "deprecated spelling of --pretrained)",
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
 
     p = sub.add_parser("teacher", help="train a teacher denoiser on the data, or import a pretrained diffusers one")
     _common(p)
-    p.add_argument("--pretrained", help="a diffusers UNet2DModel + scheduler (folder or hub id) to import instead of training")
+    p.add_argument("--pretrained", help=PRETRAINED)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("degrade", help="stage 1: record the degradation path from a teacher")
     _common(p)
-    p.add_argument("--teacher", required=True, help="teacher.safetensors or the folder holding it")
+    p.add_argument("--teacher", required=True, help=TEACHER_FILE)
     p.add_argument("--out", required=True, help="folder for manifest.json and the node files")
 
-    for name, text in (("backtrack", "stage 2: distill along the reversed degradation path"),
-                       ("distill", "the baseline: plain score distillation from the teacher")):
+    for name, text in (
+        ("backtrack", "stage 2: distill along the reversed degradation path"),
+        ("distill", "the baseline: plain score distillation from the teacher"),
+    ):
         p = sub.add_parser(name, help=text)
         _common(p)
-        p.add_argument("--teacher", required=True, help="teacher.safetensors or the folder holding it")
+        p.add_argument("--teacher", required=True, help=TEACHER_FILE)
         if name == "backtrack":
             p.add_argument("--path", required=True, help="a degradation path folder (from `disback degrade`)")
         p.add_argument("--out", required=True)
 
-    p = sub.add_parser("text", help="text-to-image: distill a Stable Diffusion 1.5 / SDXL pipeline's UNet on a prompts file, "
-                       "both stages, and export a one-step diffusers pipeline")
+    p = sub.add_parser(
+        "text",
+        help="text-to-image: distill a Stable Diffusion 1.5 / SDXL pipeline's UNet on a prompts file, "
+        "both stages, and export a one-step diffusers pipeline",
+    )
     _common(p)
     p.set_defaults(preset="sd")
     p.add_argument("--pretrained", required=True, help="a Stable Diffusion (or SDXL) pipeline folder or hub id")
-    p.add_argument("--prompts", required=True, help="a .txt file with one prompt per line, or .jsonl with a \"prompt\" field")
-    p.add_argument("--real", help="real images for dmd2's GAN term: a .jsonl file with \"image\" and \"prompt\" fields")
+    p.add_argument(
+        "--prompts", required=True, help='a .txt file with one prompt per line, or .jsonl with a "prompt" field'
+    )
+    p.add_argument("--real", help='real images for dmd2\'s GAN term: a .jsonl file with "image" and "prompt" fields')
     p.add_argument("--no-backtrack", dest="backtrack", action="store_false", help="plain distillation (the baseline)")
     p.add_argument("--out", required=True, help="run folder: teacher/, path/, disback/ (or baseline/), pipeline/")
 
@@ -74,14 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="an .npy file, in the data's own units")
     p.add_argument("--plot", help="also write a scatter plot (.png)")
 
-    p = sub.add_parser("export", help="write a one-step image generator as a diffusers pipeline folder")
+    p = sub.add_parser("export", help="write a one-step generator as a diffusers pipeline folder")
     p.add_argument("run", help="a demo folder, a distillation run folder, or a generator.safetensors")
     p.add_argument("--out", required=True, help="the pipeline folder to create")
 
     p = sub.add_parser("report", help="rewrite report.md and the plots of a demo folder")
     p.add_argument("run", help="a folder written by `disback demo`")
 
-    sub.add_parser("list", help="list presets and built-in data sets")
+    sub.add_parser("list", help="list presets, data sets, methods, target schedules and node spacings")
     return parser
 
 
@@ -96,17 +135,37 @@ def _config(args: argparse.Namespace, data_default: str | None = None):
     data = args.data or data_default
     if data:
         overrides.setdefault("data", {})["name"] = data
-    if getattr(args, "pretrained", None):
+    if getattr(args, "pretrained", None) and args.command != "text":
         overrides.setdefault("teacher", {})["pretrained"] = args.pretrained
     return build_config(args.preset, args.config, overrides)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from disback import stages
-    from disback.data import load_data
-    from disback.runfolder import clear_out
+def _demo_teacher(args: argparse.Namespace) -> Path | None:
+    """demo --teacher: a disback teacher file (or its folder) to use; anything else is the old spelling of --pretrained."""
+    from disback.stages.common import resolve_teacher
 
+    if not args.teacher:
+        return None
+    if resolve_teacher(Path(args.teacher)).is_file():
+        return Path(args.teacher)
+    if args.pretrained:
+        raise DisbackError(
+            "give --pretrained (a diffusers model to import) or --teacher (a disback teacher file), not both"
+        )
+    log.warning(
+        "`demo --teacher` with a diffusers model is deprecated: use --pretrained %s (--teacher now takes a "
+        "teacher file written by `disback teacher`)",
+        args.teacher,
+    )
+    args.pretrained, args.teacher = args.teacher, None
+    return None
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command, without ending the process group (tests and scripts run several commands in one process)."""
+    args = build_parser().parse_args(argv)
     from disback.distributed import is_writer
+    from disback.storage.runfolder import clear_out
 
     # Under several processes (accelerate launch, torchrun) the main one shows progress and prints.
     show = (not args.quiet if hasattr(args, "quiet") else True) and is_writer()
@@ -121,69 +180,121 @@ def _run(args: argparse.Namespace) -> int:
             clear_out(Path(args.out))
 
     if args.command == "demo":
-        from disback.demo import run_demo
-        from disback.report import write_report
+        from disback.jobs.demo import run_demo
+        from disback.jobs.report import write_report
 
+        teacher = _demo_teacher(args)
         cfg = _config(args)
         settled()
-        run_demo(cfg, Path(args.out), show, resume)
+        run_demo(cfg, Path(args.out), show, resume, teacher)
         if is_writer():  # the summary it reads is the main process's
             print(write_report(Path(args.out)))
             print(f"\nreport: {Path(args.out) / 'report.md'}")
     elif args.command == "teacher":
+        from disback import stages
+        from disback.data import load_data
+
         cfg = _config(args)
         settled()
         path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show, resume)
         say(f"teacher: {path}")
     elif args.command == "degrade":
+        from disback import stages
+        from disback.stages.common import resolve_teacher
+        from disback.storage.meta import read_meta
+
         cfg = _config(args)
-        stages.load_teacher(Path(args.teacher))
+        read_meta(resolve_teacher(Path(args.teacher)))  # a missing or foreign teacher fails before --overwrite deletes
         settled()
         path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume)
         say(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
     elif args.command in ("backtrack", "distill"):
-        _, meta = stages.load_teacher(Path(args.teacher))
-        cfg = _config(args, data_default=meta["data"])
-        teacher_file = stages.resolve_teacher(Path(args.teacher))
+        from disback import stages
+        from disback.data import load_data
+        from disback.stages.common import resolve_teacher
+        from disback.storage.meta import read_meta
+
+        teacher_file = resolve_teacher(Path(args.teacher))
+        cfg = _config(args, data_default=read_meta(teacher_file).data)
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
         settled()
         result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show, resume)
         final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
         say(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
     elif args.command == "text":
-        from disback.text import run_text
+        from disback.text import run_text, sample_command
 
         cfg = _config(args)
         settled()
-        out = run_text(cfg, args.pretrained, Path(args.prompts), Path(args.out), show, resume, args.backtrack,
-                       Path(args.real) if args.real else None)
-        say(f"one-step pipeline: {out}\n  pipe = DiffusionPipeline.from_pretrained('{out}')\n"
-            f"  image = pipe(prompt, num_inference_steps=1, guidance_scale=0, timesteps=[{cfg.text.timestep}]).images[0]")
+        out = run_text(
+            cfg,
+            args.pretrained,
+            Path(args.prompts),
+            Path(args.out),
+            show,
+            resume,
+            args.backtrack,
+            Path(args.real) if args.real else None,
+        )
+        say(f"one-step pipeline: {out}\n  " + sample_command(out, cfg.text.timestep).replace("; ", "\n  "))
     elif args.command == "sample":
-        stages.sample_to_file(Path(args.model), args.n, args.steps, args.seed, Path(args.out), args.plot)
+        from disback.jobs.sample import sample_to_file
+
+        sample_to_file(Path(args.model), args.n, args.steps, args.seed, Path(args.out), args.plot)
         say(f"samples: {args.out}")
     elif args.command == "export":
-        from disback.export import export
+        from disback.jobs.export import export
 
         out = export(Path(args.run), Path(args.out))
-        say(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}', custom_pipeline='{out}', trust_remote_code=True))")
+        say(
+            f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}', custom_pipeline='{out}', "
+            "trust_remote_code=True))"
+        )
     elif args.command == "report":
-        from disback.report import write_report
+        from disback.jobs.report import write_report
 
         say(write_report(Path(args.run)))
     elif args.command == "list":
-        from disback.config import preset_names
-        from disback.data import builtin_names
-
-        say("presets:", ", ".join(preset_names()))
-        say("data:", ", ".join(builtin_names()), "(or an .npy/.csv file of N x D points, or a folder / .npz of images)")
+        say(listing())
     return 0
 
 
+def listing() -> str:
+    """`disback list`: every named choice, with what it means."""
+    from disback.config import preset_names
+
+    tables = [
+        ("data", choices.DATASETS),
+        ("methods (--method)", choices.METHODS),
+        ("target schedules (distill.schedule)", choices.SCHEDULES),
+        ("node spacings (degrade.spacing)", choices.SPACINGS),
+    ]
+    lines = [f"presets: {', '.join(preset_names())}"]
+    for title, table in tables:
+        lines.append(f"{title}:")
+        lines += [f"  {name:<13} {getattr(v, 'help', v)}" for name, v in table.items()]
+        if table is choices.DATASETS:
+            lines.append(f"  (or {choices.USER_DATA})")
+    return "\n".join(lines)
+
+
+class _Stderr(logging.Handler):
+    """`warning: ...` on whatever sys.stderr is when the record comes (a test may have replaced it since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+        log.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
-        code = _run(args)
+        code = run(argv)
         from disback.distributed import finish
 
         finish()

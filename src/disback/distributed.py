@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from accelerate import PartialState
+from torch import nn
 
 from disback.errors import DisbackError
 
@@ -51,10 +51,12 @@ def local(x: torch.Tensor | None) -> torch.Tensor | None:
     if x is None or n == 1:
         return x
     if len(x) % n:
-        raise DisbackError(f"a batch of {len(x)} cannot be split over {n} processes; set the batch sizes (teacher.batch, "
-                           f"degrade.batch, distill.batch) to multiples of {n}")
+        raise DisbackError(
+            f"a batch of {len(x)} cannot be split over {n} processes; set the batch sizes (teacher.batch, "
+            f"degrade.batch, distill.batch) to multiples of {n}"
+        )
     share = len(x) // n
-    return x[state().process_index * share: (state().process_index + 1) * share]
+    return x[state().process_index * share : (state().process_index + 1) * share]
 
 
 def mean_across(values: dict[str, float]) -> dict[str, float]:
@@ -81,8 +83,9 @@ def anyone(flag: bool) -> bool:
     return not everyone(not flag)
 
 
-def strided(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], z: torch.Tensor,
-            labels: torch.Tensor | None = None) -> torch.Tensor:
+def strided(
+    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], z: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """``fn(z, labels)`` for all of z, each process taking every N-th item from its rank on, gathered back in z's order.
     Striding (not contiguous shares) keeps balanced class labels (0, 1, ..., K-1, 0, ...) balanced in every process."""
     n, rank = world(), state().process_index

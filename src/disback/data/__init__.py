@@ -94,7 +94,9 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
 
 def _need_image_preset(cfg: DataConfig, name: str) -> None:
     if cfg.resolution <= 0 or cfg.channels <= 0:
-        raise DisbackError(f"'{name}' is image data but the preset is for points; use an image preset, e.g. --preset digits")
+        raise DisbackError(
+            f"'{name}' is image data but the preset is for points; use an image preset, e.g. --preset digits"
+        )
 
 
 def _toy(cfg: DataConfig, seed: int) -> Data:
@@ -103,7 +105,9 @@ def _toy(cfg: DataConfig, seed: int) -> Data:
     # The reference is drawn from its own stream so that it never overlaps the training points.
     reference = sampler(cfg.n_eval, np.random.default_rng([seed, 1]))
     mean, scale = _standardise(train, cfg.name)
-    return Data(cfg.name, "points", train, reference, mean, scale, modes=modes, mode_std=MODE_STD if modes is not None else None)
+    return Data(
+        cfg.name, "points", train, reference, mean, scale, modes=modes, mode_std=MODE_STD if modes is not None else None
+    )
 
 
 def _points(path: Path) -> Data:
@@ -159,15 +163,21 @@ def read_point_file(path: Path) -> np.ndarray:
     if arr.dtype.kind not in "fiu":
         raise DisbackError(f"{path} holds {arr.dtype} values; points must be numbers")
     if arr.ndim == 1:
-        raise DisbackError(f"{path} holds a 1-D array of shape {arr.shape}; points must be a 2-D array, one row per point (N x D, e.g. N x 2)")
+        raise DisbackError(
+            f"{path} holds a 1-D array of shape {arr.shape}; points must be a 2-D array, one row per point (N x D, e.g. N x 2)"
+        )
     if arr.ndim != 2:
-        raise DisbackError(f"{path} holds an array of shape {arr.shape}; points must be a 2-D array, one row per point (N x D, e.g. N x 2)")
+        raise DisbackError(
+            f"{path} holds an array of shape {arr.shape}; points must be a 2-D array, one row per point (N x D, e.g. N x 2)"
+        )
     if arr.shape[0] < MIN_ROWS:
         raise DisbackError(f"{path} has {arr.shape[0]} rows; at least {MIN_ROWS} points are needed to fit a teacher")
     bad = ~np.isfinite(arr).all(1)
     if bad.any():
         rows = np.flatnonzero(bad)[:5].tolist()
-        raise DisbackError(f"{path} has {int(bad.sum())} rows with NaN or infinite values (first rows: {rows}); remove them")
+        raise DisbackError(
+            f"{path} has {int(bad.sum())} rows with NaN or infinite values (first rows: {rows}); remove them"
+        )
     return arr.astype(np.float64)
 
 

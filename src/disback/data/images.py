@@ -33,7 +33,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DisbackError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DisbackError(f"{path} is truncated: {data.size} values for shape {dims}")
@@ -104,7 +104,9 @@ def _read_npz(path: Path, channels: int) -> list[np.ndarray]:
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
         arr = arr.transpose(0, 3, 1, 2)  # N x H x W x C -> N x C x H x W
     if arr.ndim != 4 or arr.shape[1] not in (1, 3):
-        raise DisbackError(f"{path}: '{key}' has shape {arr.shape}; expected N x H x W, N x H x W x C or N x C x H x W with C = 1 or 3")
+        raise DisbackError(
+            f"{path}: '{key}' has shape {arr.shape}; expected N x H x W, N x H x W x C or N x C x H x W with C = 1 or 3"
+        )
     arr = arr.astype(np.float32)
     if arr.max() > 1.0:
         arr = arr / 255.0  # 8-bit images
@@ -126,6 +128,6 @@ def resize(image: np.ndarray, resolution: int, where: Path) -> np.ndarray:
         return image
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    image = image[:, top: top + side, left: left + side]
+    image = image[:, top : top + side, left : left + side]
     chans = [np.asarray(Image.fromarray(ch, mode="F").resize((resolution, resolution), Image.BOX)) for ch in image]
     return np.clip(np.stack(chans), 0.0, 1.0)

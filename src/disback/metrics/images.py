@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disback.errors import DisbackError
-from disback.weights import load_weights, read_metadata, save_weights
+from disback.storage.weights import load_weights, read_metadata, save_weights
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images N x C x H x W in [0, 1] -> features N x F
 CACHE_VERSION = 1
@@ -49,9 +49,12 @@ class SmallCNN(nn.Module):
     def __init__(self, channels: int, n_classes: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.GELU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1),
+            nn.GELU(),
         )
         self.head = nn.Linear(128, n_classes)
 
@@ -68,7 +71,9 @@ def _rotations(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(rotated), np.repeat(np.arange(4), len(images))
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray | None, steps: int = 1500, seed: int = 0) -> tuple[SmallCNN, dict[str, Any]]:
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray | None, steps: int = 1500, seed: int = 0
+) -> tuple[SmallCNN, dict[str, Any]]:
     task = "classes" if labels is not None else "rotation"
     if labels is None:
         images, labels = _rotations(images)
@@ -97,7 +102,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISBACK_CACHE", Path.home() / ".cache" / "disback"))
 
 
-def classifier_features(images: np.ndarray, labels: np.ndarray | None, steps: int = 1500) -> tuple[FeatureFn, dict[str, Any]]:
+def classifier_features(
+    images: np.ndarray, labels: np.ndarray | None, steps: int = 1500
+) -> tuple[FeatureFn, dict[str, Any]]:
     """The classifier for these images, trained once and cached under a fingerprint of the data and its budget."""
     digest = hashlib.sha256(f"{steps}".encode())
     digest.update(np.ascontiguousarray(images).tobytes())
@@ -123,7 +130,9 @@ def plugged_features(spec: str) -> tuple[FeatureFn, dict[str, Any]]:
     try:
         fn = getattr(importlib.import_module(module), name)()
     except (ImportError, AttributeError, ValueError) as exc:
-        raise DisbackError(f"eval.features '{spec}' must be 'package.module:function' returning a feature function ({exc})") from None
+        raise DisbackError(
+            f"eval.features '{spec}' must be 'package.module:function' returning a feature function ({exc})"
+        ) from None
     return fn, {"task": "plugged", "spec": spec}
 
 
@@ -137,7 +146,7 @@ class ImageMetrics:
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(images, dtype=torch.float32)
-        return torch.cat([self.features(x[i: i + self.batch]) for i in range(0, len(x), self.batch)]).double().numpy()
+        return torch.cat([self.features(x[i : i + self.batch]) for i in range(0, len(x), self.batch)]).double().numpy()
 
     def __call__(self, samples: np.ndarray) -> dict[str, float]:
         if not np.isfinite(samples).all():

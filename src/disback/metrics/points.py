@@ -63,7 +63,9 @@ def mode_coverage(x: np.ndarray, modes: np.ndarray, std: float) -> dict[str, flo
 class PointMetrics:
     """Everything measured against one fixed reference set; the same directions and bandwidths every call."""
 
-    def __init__(self, reference: np.ndarray, projections: int, modes: np.ndarray | None = None, mode_std: float | None = None):
+    def __init__(
+        self, reference: np.ndarray, projections: int, modes: np.ndarray | None = None, mode_std: float | None = None
+    ):
         self.reference = reference
         self.dirs = directions(reference.shape[1], projections)
         self.bandwidths = default_bandwidths(reference)
@@ -72,7 +74,10 @@ class PointMetrics:
     def __call__(self, samples: np.ndarray) -> dict[str, float]:
         if not np.isfinite(samples).all():
             return {"swd": float("nan"), "mmd": float("nan")}
-        out = {"swd": sliced_wasserstein(samples, self.reference, self.dirs), "mmd": mmd(samples, self.reference, self.bandwidths)}
+        out = {
+            "swd": sliced_wasserstein(samples, self.reference, self.dirs),
+            "mmd": mmd(samples, self.reference, self.bandwidths),
+        }
         if self.modes is not None:
             out.update(mode_coverage(samples, self.modes, self.mode_std))
         return out

@@ -1,0 +1,145 @@
+"""The configuration's sections as typed dataclasses. Values live in YAML presets (``presets/``); loading.py reads
+them into these types and checks.py checks them, so a misspelt key or an out-of-range value fails before any work
+starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    name: (
+        str  # built-in (`disback list`), or a file / folder of the user's: .npy/.csv points, .npz or a folder of images
+    )
+    n_train: int  # points drawn once from a built-in 2-D distribution (ignored by data sets of fixed size)
+    n_eval: int  # generator samples per evaluation (and reference points for built-in 2-D data)
+    root: str = ""  # where a built-in image data set lives, if not in its usual place
+    resolution: int = 0  # images: side in pixels that every image is resized to (0 for point data)
+    channels: int = 0  # images: 1 (grayscale) or 3 (RGB) (0 for point data)
+
+
+@dataclass
+class NetworkConfig:
+    kind: str  # "mlp" for points, "unet" (diffusers UNet2DModel) for images
+    hidden: int = 128  # mlp
+    depth: int = 3  # mlp
+    emb_dim: int = 32  # mlp
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # unet: block_out_channels
+    layers_per_block: int = 1  # unet
+    attention: list[bool] = field(default_factory=lambda: [False, True])  # unet: self-attention in each level
+    norm_groups: int = 8  # unet
+    num_classes: int = 0  # unet: > 0 makes every network class-conditional (UNet2DModel's num_class_embeds)
+    lora_rank: int = (
+        0  # > 0: the fake score and the degrading model are LoRA adapters on the frozen teacher (disback.lora)
+    )
+
+
+@dataclass
+class EDMConfig:
+    sigma_data: float  # data are standardised to unit scale, so 1.0 fits every point set
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    p_mean: float  # ln(sigma) ~ N(p_mean, p_std^2) in the denoising score matching loss
+    p_std: float
+
+
+@dataclass
+class TeacherConfig:
+    steps: int
+    batch: int
+    lr: float
+    ema_decay: float
+    heun_steps: int  # steps of the EDM Heun sampler when the teacher is sampled
+    pretrained: str = ""  # a diffusers UNet2DModel folder or hub id to distil instead of training a teacher
+
+
+@dataclass
+class DegradeConfig:
+    steps: int  # K_1: fine-tuning steps of the teacher copy on initial-generator samples
+    nodes: int  # N: nodes after the teacher; the path holds N + 1
+    batch: int
+    lr: float
+    spacing: str = "distance"  # where nodes go: a key of choices.SPACINGS
+    probes: int = 0  # distance measurements during stage 1 (dense early); 0 = 16 per node
+    candidates: int = 4  # "distance": checkpoints per node held in CPU memory until the nodes are chosen
+    plateau: float = 0.05  # "distance" only: end stage 1 once the distance grew < this fraction over the last half
+
+
+@dataclass
+class DistillConfig:
+    steps: int  # generator steps ("iterations")
+    batch: int
+    lr_generator: float
+    lr_fake: float
+    fake_updates: int  # fake-score updates per generator update
+    sigma_g: float  # the generator is one denoiser call at this noise level
+    switch_every: int  # M: generator steps between target switches ("fixed" schedule)
+    sigma_min: float  # noise levels of the generator loss, spread on the Karras schedule
+    sigma_max: float
+    method: str = "dmd"  # the generator loss: a key of choices.METHODS
+    sid_alpha: float = 1.2  # sid: the alpha of SiD's loss (1.2 in the SiD paper)
+    gan_weight: float = 0.003  # dmd2: weight of the GAN term in the generator's loss (DMD2's ImageNet value)
+    gan_head_weight: float = 0.01  # dmd2: weight of the GAN head's loss in the fake score's loss (DMD2's)
+    schedule: str = "warm_start"  # how the target walks back: a key of choices.SCHEDULES
+    switch_ratio: float = 0.5  # adaptive: advance when the fake-target gap falls to this fraction of its start
+    min_dwell: int = 10  # adaptive: generator steps on a node before it may advance (both bounds shrink so that
+    #                      the walk reaches the teacher by half of distill.steps)
+    max_dwell: int = 100  # adaptive: generator steps after which it advances regardless
+    reuse_samples: bool = False  # DMD2's order: the generator step first, and its samples (detached) train the fake
+    #                              score's first update, which so skips a generator forward pass
+
+
+@dataclass
+class EvalConfig:
+    every: int  # evaluate every this many iterations
+    projections: int  # directions of the sliced Wasserstein distance
+    threshold_factor: float  # "converged" = the measure at most this times the teacher's
+    features: str = "classifier"  # images: "classifier" (trained on the data, cached) or "module:function"
+    classifier_steps: int = 1500  # images: training steps of that classifier
+
+
+@dataclass
+class RunConfig:
+    checkpoint_every: int = 500  # steps between checkpoints of every stage (and one at its end); resume with --resume
+    keep: int = 2  # checkpoints kept per stage; older ones are deleted only once a newer one is complete
+    on_nonfinite: str = (
+        "stop"  # a non-finite loss: "stop" (clear error, last good checkpoint kept) or "skip" the update
+    )
+    max_skipped: int = 20  # "skip": stop after this many consecutive skipped steps
+    precision: str = "fp32"  # "bf16": autocast in bf16 with fp32 master weights, and the frozen target held in bf16
+    channels_last: bool = False  # UNets in channels-last memory format (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the networks' forward (state_dict keys unchanged)
+    gradient_checkpointing: bool = False  # UNets recompute activations in the backward pass: less memory, more time
+    fsdp: bool = False  # several processes: stages 1 and 2 shard their trained networks and Adam states (FSDP2);
+    #                     a teacher trained here is data parallel (docs/scaling.md)
+
+
+@dataclass
+class TextConfig:
+    """Text-to-image runs (`disback text`): the pipeline's UNet distilled on a prompts file."""
+
+    guidance: float = (
+        8.0  # classifier-free guidance scale of the target score (the original's 8); none on the fake score
+    )
+    timestep: int = 399  # the generator is the UNet at this timestep on pure noise, as LCMScheduler samples in one step
+
+
+@dataclass
+class Config:
+    seed: int
+    data: DataConfig
+    network: NetworkConfig
+    edm: EDMConfig
+    teacher: TeacherConfig
+    degrade: DegradeConfig
+    distill: DistillConfig
+    eval: EvalConfig
+    run: RunConfig = field(default_factory=RunConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

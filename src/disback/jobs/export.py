@@ -1,0 +1,84 @@
+"""`disback export`: a trained one-step image generator as a diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from disback.diffusion.denoisers import EDMDenoiser, VPDenoiser
+from disback.errors import DisbackError
+from disback.storage.kinds import kind_of
+from disback.storage.meta import read_meta
+from disback.storage.models import load_model
+
+
+def find_generator(run: Path) -> Path:
+    """A generator file, a distillation run folder, or a demo folder (its DisBack run)."""
+    for candidate in (run, run / "generator.safetensors", run / "disback" / "generator.safetensors"):
+        if candidate.is_file():
+            return candidate
+    raise DisbackError(
+        f"no generator.safetensors in {run}; give a run folder of `disback backtrack`, `distill` or `demo`"
+    )
+
+
+def build_pipeline(generator_file: Path):
+    from disback.diffusion.networks.unet import NOISE_SCALE
+    from disback.jobs.pipeline_onestep import OneStepPipeline
+
+    model, meta = load_model(generator_file)
+    if meta.role != "generator":
+        raise DisbackError(f"{generator_file} is a {meta.role}, not a one-step generator")
+    if not meta.is_images:
+        raise DisbackError(f"{generator_file} generates points, not images; use `disback sample` for point generators")
+    if meta.normaliser.get("scale") != 0.5 or meta.normaliser.get("mean") != 0.5:
+        raise DisbackError(
+            f"{generator_file} does not map images to [-1, 1]; it cannot be exported as a diffusers pipeline"
+        )
+    denoiser, sigma_g = model.denoiser, model.sigma_g
+    if isinstance(denoiser, EDMDenoiser):
+        return OneStepPipeline(
+            unet=denoiser.backbone.unet,
+            preconditioning="edm",
+            sigma_g=sigma_g,
+            sigma_data=denoiser.sigma_data,
+            timestep=math.log(sigma_g) / 4 * NOISE_SCALE,
+        )
+    if isinstance(denoiser, VPDenoiser):
+        t = float(denoiser.sigma_to_t(torch.tensor([sigma_g]))[0])
+        return OneStepPipeline(
+            unet=denoiser.unet,
+            preconditioning="vp",
+            sigma_g=sigma_g,
+            timestep=t,
+            prediction_type=denoiser.prediction_type,
+        )
+    raise DisbackError(f"{generator_file}: cannot export a {type(denoiser).__name__}")
+
+
+def export(run: Path, out: Path) -> Path:
+    """Write the pipeline to a temporary folder beside ``out``, then rename it into place; a generator of a plugin's
+    kind is exported as its kind says (disback.storage.kinds)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DisbackError(f"{out} is not empty; choose another --out or delete it")
+    generator_file = find_generator(Path(run))
+    own = kind_of(read_meta(generator_file), generator_file).export
+    if own is not None:
+        return own(generator_file, out)
+    pipe = build_pipeline(generator_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.copy(Path(__file__).with_name("pipeline_onestep.py"), tmp / "pipeline.py")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,121 @@
+"""Stage 1, Degradation Recording: a copy of the teacher fine-tuned on samples of the frozen initial generator,
+its checkpoints saved as the nodes of the degradation path (placed by degrade.spacing: disback.method.recording)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from accelerate.utils import set_seed
+
+from disback.config import Config
+from disback.distributed import local, wait
+from disback.engine.log import MetricsLog
+from disback.engine.loop import Callback, train_loop
+from disback.errors import DisbackError
+from disback.method.lora import Adapted
+from disback.method.path import MANIFEST, DegradationPath
+from disback.method.recording import DistanceProbe, DistanceRecorder, StepRecorder, node_steps
+from disback.method.score_fitting import ScoreFitting
+from disback.stages.common import load_teacher, loop_options, resolve_teacher
+from disback.stages.runtime import accelerator, sharded, speed_up
+from disback.storage.files import sha256_file
+from disback.storage.models import generator_from_teacher
+from disback.storage.runfolder import begin_stage
+
+
+def record_path(
+    cfg: Config,
+    teacher_file: Path,
+    out: Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> DegradationPath:
+    """Degradation Recording: fine-tune a copy of the teacher on samples of the frozen initial generator, saving
+    nodes as ``degrade.spacing`` places them. With ``resume``, continue an interrupted recording from its latest
+    checkpoint (a complete path is returned as it is). ``callbacks`` join the loop's, after the recorder."""
+    out = Path(out)
+    teacher_file = resolve_teacher(teacher_file)
+    begin_stage(cfg, out, resume, {"teacher_sha256": sha256_file(teacher_file)})
+    if resume and (out / MANIFEST).is_file():
+        existing = DegradationPath.load(out)
+        if existing.complete:
+            return existing
+    set_seed(cfg.seed + 1)
+    acc = accelerator(cfg.run.precision)
+    teacher, meta = load_teacher(teacher_file)
+    teacher = teacher.to(acc.device)
+    generator0 = generator_from_teacher(teacher, meta, cfg.distill.sigma_g).requires_grad_(False)
+    shape, classes = tuple(meta.shape), meta.num_classes
+
+    def source(n: int, share: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Samples of the initial generator: this process's share of n (all n for the probe, which every process
+        evaluates alike)."""
+        labels = torch.randint(classes, (n,), device=acc.device) if classes else None
+        z = torch.randn(n, *shape, device=acc.device)
+        z, labels = (local(z), local(labels)) if share else (z, labels)
+        with torch.no_grad():
+            return generator0(z, labels), labels
+
+    config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
+    path = DegradationPath.create(out, config, replace=resume)
+    probe = DistanceProbe(teacher, *source(cfg.degrade.batch, share=False), cfg.edm, seed=cfg.seed)
+    # psi starts at theta: a copy of the teacher, or zero LoRA adapters on it (network.lora_rank)
+    degrading = (
+        Adapted(teacher, cfg.network.lora_rank)
+        if cfg.network.lora_rank
+        else copy.deepcopy(teacher).requires_grad_(True)
+    )
+    speed_up(cfg.run, degrading)
+    path.add_node(degrading, 0, meta, 0.0)
+    task = ScoreFitting(
+        degrading,
+        source,
+        batch=cfg.degrade.batch,
+        lr=cfg.degrade.lr,
+        edm=cfg.edm,
+        accelerator=acc,
+        stage="degrade",
+        fsdp=sharded(cfg, acc),
+    )
+    deg, steps = cfg.degrade, cfg.degrade.steps
+    if deg.spacing == "distance":
+        recorder = DistanceRecorder(
+            path, degrading, deg.nodes, steps, deg.probes, deg.candidates, meta, probe, deg.plateau
+        )
+    else:
+        at = node_steps(deg.spacing, steps, deg.nodes)
+        recorder, steps = StepRecorder(path, degrading, at, meta, probe), at[-1]
+    train_loop(
+        task,
+        steps,
+        callbacks=[recorder, *callbacks],
+        log=MetricsLog(out / "metrics.jsonl"),
+        eval_every=max(steps // 50, 1),
+        evaluate=lambda: {"distance": probe(degrading)},
+        show_progress=show_progress,
+        **loop_options(cfg, out, resume),
+    )
+    recorder.finish()
+    path.mark_complete()
+    wait()  # the nodes are on disk before any process reads them
+    return DegradationPath.load(out)  # every process holds the path as the main one wrote it
+
+
+def load_path_for(teacher_file: Path, path_dir: Path) -> DegradationPath:
+    """A complete path recorded from this teacher, or a clear error."""
+    path = DegradationPath.load(path_dir)
+    if not path.complete:
+        raise DisbackError(
+            f"the path {path_dir} is incomplete (stage 1 was interrupted); finish it with "
+            f"`disback degrade --resume --out {path_dir} ...` (the same settings)"
+        )
+    recorded = path.config.get("teacher_sha256")
+    if recorded is not None and recorded != sha256_file(resolve_teacher(teacher_file)):
+        raise DisbackError(
+            f"the path {path_dir} was recorded from another teacher than {teacher_file}; record it again"
+        )
+    return path

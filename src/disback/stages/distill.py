@@ -1,0 +1,155 @@
+"""Stage 2, Distribution Backtracking: the generator distilled while the target walks the reversed degradation path
+back to the teacher; with no path, the baseline (plain score distillation: the teacher is the only node)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from accelerate.utils import set_seed
+
+from disback.config import Config
+from disback.config.choices import METHODS
+from disback.data import Data
+from disback.distributed import strided, wait
+from disback.engine.log import MetricsLog, read_metrics
+from disback.engine.loop import Callback, train_loop
+from disback.errors import DisbackError
+from disback.method.distillation import Distillation
+from disback.method.lora import fake_and_target, scratch
+from disback.method.path import DegradationPath
+from disback.method.schedules import make_schedule
+from disback.stages.common import (
+    DataSource,
+    check_data_matches,
+    eval_noise,
+    in_batches,
+    load_teacher,
+    loop_options,
+    metrics_for,
+    resolve_teacher,
+)
+from disback.stages.runtime import accelerator, sharded, speed_up
+from disback.storage.files import save_array, sha256_file, write_json
+from disback.storage.kinds import kind_of
+from disback.storage.models import generator_from_teacher, save_model
+from disback.storage.runfolder import begin_stage
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"  # written last by a distillation run: the run is finished
+
+
+def distill(
+    cfg: Config,
+    data: Data,
+    teacher_file: Path,
+    path: DegradationPath | None,
+    out: Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node).
+    With ``resume``, continue from the folder's latest checkpoint (a finished run is read back as it is).
+    ``callbacks`` join the loop's. Returns the result (switches, nodes) and the metrics records."""
+    out = Path(out)
+    teacher_file = resolve_teacher(teacher_file)
+    stage = "distill" if path is None else "backtrack"
+    if path is None:
+        path = DegradationPath.teacher_only(teacher_file, sha256_file(teacher_file))
+    inputs = {"teacher_sha256": sha256_file(teacher_file), "nodes_sha256": [n.sha256 for n in path.nodes]}
+    begin_stage(cfg, out, resume, inputs)
+    if resume and (out / RESULT).is_file():
+        return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
+    teacher, meta = load_teacher(teacher_file)
+    check_data_matches(data, meta, teacher_file)
+    measure = metrics_for(cfg, data)  # before the seed: a feature network trained now must not shift the run's RNG
+    set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
+    acc = accelerator(cfg.run.precision)
+    check_lora_matches(cfg, path)
+    generator = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
+    # every node's sha256, keys and shapes, before any training (the baseline's one node is the teacher's full file)
+    path.verify(scratch(teacher, cfg.network.lora_rank if len(path) > 1 else 0))
+    # With LoRA the target's base is the teacher shared with the fake score: under bf16 it is cast once, on purpose
+    # (a frozen base in bf16, the adapters trained in fp32), in Distillation.
+    fake, target = fake_and_target(teacher, cfg.network.lora_rank, len(path))
+    target = kind_of(meta).target(target, cfg)  # e.g. classifier-free guidance on a text target (the target only)
+    speed_up(cfg.run, generator, fake, target)
+    d = cfg.distill
+    low, high = dwell_bounds(cfg, len(path))
+    schedule = make_schedule(
+        len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio, min_dwell=low, max_dwell=high
+    )
+    warn_short_walk(cfg, len(path))
+    real = DataSource(data, meta.num_classes, acc.device, cfg.seed + 3) if METHODS[d.method].gan else None
+    task = Distillation(
+        generator,
+        fake,
+        target,
+        path,
+        schedule,
+        cfg=d,
+        edm=cfg.edm,
+        shape=data.shape,
+        accelerator=acc,
+        stage=stage,
+        num_classes=meta.num_classes,
+        real=real,
+        fsdp=sharded(cfg, acc),
+    )
+    z, labels = eval_noise(cfg, data.shape, meta.num_classes, acc.device)
+
+    def samples() -> np.ndarray:  # shared among processes, if several; every class alike in each
+        return data.from_model(strided(lambda zz, yy: in_batches(generator, zz, yy), z, labels))
+
+    records = train_loop(
+        task,
+        d.steps,
+        evaluate=lambda: measure(samples()),
+        eval_every=cfg.eval.every,
+        callbacks=callbacks,
+        log=MetricsLog(out / "metrics.jsonl"),
+        show_progress=show_progress,
+        **loop_options(cfg, out, resume),
+    )
+    save_array(out / "samples.npy", samples())
+    save_model(generator, out / "generator.safetensors", meta.as_generator(d.sigma_g))
+    save_model(fake, out / "fake.safetensors", meta)
+    result = {"switches": task.switches, "nodes": len(path)}
+    write_json(out / RESULT, result)  # last: its presence marks the run as finished
+    wait()
+    return {**result, "records": records}
+
+
+def check_lora_matches(cfg: Config, path: DegradationPath) -> None:
+    """A path of LoRA nodes needs a LoRA fake score and target of the same rank, and a path of full nodes full ones."""
+    recorded = path.config.get("network", {}).get("lora_rank", 0) if len(path) > 1 else cfg.network.lora_rank
+    if recorded != cfg.network.lora_rank:
+        raise DisbackError(
+            f"the path {path.root} was recorded with network.lora_rank={recorded}, and this run has "
+            f"{cfg.network.lora_rank}; use --set network.lora_rank={recorded}, or record the path again"
+        )
+
+
+def dwell_bounds(cfg: Config, num_nodes: int) -> tuple[int, int]:
+    """The adaptive schedule's (min, max) steps per node, shrunk so that the walk reaches the teacher by half of
+    distill.steps at the latest: the generator always trains against the teacher."""
+    high = max(min(cfg.distill.max_dwell, cfg.distill.steps // (2 * max(num_nodes - 1, 1))), 1)
+    return min(cfg.distill.min_dwell, high), high
+
+
+def warn_short_walk(cfg: Config, num_nodes: int) -> None:
+    """The fixed schedule is taken as given (it is the paper's recipe), but a walk that reaches the teacher only after
+    the budget ends leaves a generator that never trained against the teacher: say so, and how to fix it."""
+    d = cfg.distill
+    arrival = (num_nodes - 1) * d.switch_every
+    if d.schedule == "fixed" and num_nodes > 1 and arrival >= d.steps:
+        log.warning(
+            f"with distill.schedule 'fixed', the target walks {num_nodes - 1} nodes every {d.switch_every} steps and "
+            f"reaches the teacher at step {arrival}, not before distill.steps ({d.steps}) ends; lower "
+            f"distill.switch_every to at most {max(d.steps // (2 * (num_nodes - 1)), 1)} (the teacher by half of "
+            "the budget) or raise distill.steps"
+        )

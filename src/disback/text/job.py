@@ -1,0 +1,78 @@
+"""`disback text`: a Stable Diffusion 1.5 or SDXL pipeline's UNet distilled to one step on a prompts file, by the
+same stages as every other teacher: import, stage 1, stage 2 (or the baseline), export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from disback import stages
+from disback.config import Config
+from disback.config.choices import METHODS
+from disback.data import Data
+from disback.distributed import is_writer, wait
+from disback.errors import DisbackError
+from disback.storage.meta import ModelMeta, read_meta
+from disback.storage.runfolder import begin_stage
+from disback.text.captions import read_captions
+from disback.text.pipeline import TEACHER, export_text, import_text_teacher
+from disback.text.prompts import read_prompts
+
+
+def latent_data(meta: ModelMeta, folder: Path) -> Data:
+    """The engine's Data for a text-to-image teacher in ``folder``: latents of the UNet's shape, in the UNet's own
+    units, no measure; the real images' latents and caption rows as training data when the teacher has them."""
+    empty = np.zeros((1, *meta.shape), dtype=np.float32)
+    name = Path(meta.data).name
+    if not meta.spec.get("real"):
+        return Data(name=name, kind="latents", train=empty, reference=empty, mean=0.0, scale=1.0)
+    from safetensors.torch import load_file
+
+    real = load_file(str(Path(folder) / meta.spec["real"]))
+    return Data(
+        name=name,
+        kind="latents",
+        train=real["latents"].numpy(),
+        reference=empty,
+        mean=0.0,
+        scale=1.0,
+        labels=real["labels"].numpy(),
+    )
+
+
+def run_text(
+    cfg: Config,
+    pipeline: str,
+    prompts_file: Path,
+    out: Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    backtrack: bool = True,
+    real_file: Path | None = None,
+) -> Path:
+    """Import the teacher and encode the prompts (and the real images, if given), record the degradation path (unless
+    ``backtrack`` is False: the baseline), distill over it, and export the pipeline; each part in its own folder
+    under ``out``."""
+    if METHODS[cfg.distill.method].gan and real_file is None:
+        raise DisbackError(
+            f"method {cfg.distill.method} needs real images for its GAN term: give --real captions.jsonl "
+            '(lines {"image": ..., "prompt": ...}), or use --method dmd, vsd or sid'
+        )
+    out = Path(out)
+    real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
+    begin_stage(
+        cfg, out / "teacher", resume, {"pipeline": str(pipeline), "prompts": read_prompts(prompts_file), "real": real}
+    )
+    teacher_file = out / "teacher" / TEACHER
+    if is_writer() and not (resume and teacher_file.is_file()):  # one process encodes; the others read its files
+        import_text_teacher(pipeline, prompts_file, cfg.text.timestep, out / "teacher", real_file)
+    wait()
+    meta = read_meta(teacher_file)
+    path = stages.record_path(cfg, teacher_file, out / "path", show_progress, resume) if backtrack else None
+    run = out / ("disback" if backtrack else "baseline")
+    stages.distill(cfg, latent_data(meta, teacher_file.parent), teacher_file, path, run, show_progress, resume)
+    if is_writer():
+        export_text(run / "generator.safetensors", out / "pipeline")
+    wait()
+    return out / "pipeline"

@@ -1,0 +1,109 @@
+"""The text-to-image networks, and the model kind "text" that rebuilds them from their files.
+
+TextDenoiser  the UNet2DConditionModel as a VP denoiser D(x; sigma, prompt); with ``guidance`` > 1 it returns the
+              guided D_uncond + w (D_cond - D_uncond). The target has guidance (text.guidance, 8 in the original);
+              the fake score and the degrading model have none.
+LCMGenerator  G(z, prompt): the UNet at one fixed timestep (text.timestep, 399) on z, computed exactly as diffusers'
+              LCMScheduler does a one-step sample, so the exported pipeline reproduces the generator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from disback.diffusion.denoisers import VPDenoiser
+from disback.errors import DisbackError
+from disback.storage.meta import ModelMeta
+from disback.text.prompts import Prompts
+
+
+class TextDenoiser(VPDenoiser):
+    """A UNet2DConditionModel as a VP denoiser whose ``labels`` are prompt indices; classifier-free guided when
+    ``guidance`` > 1."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str,
+        prompts: Prompts,
+        guidance: float = 0.0,
+    ):
+        super().__init__(unet, alphas_cumprod, prediction_type)
+        self.prompts, self.guidance = prompts, guidance
+
+    def call_unet(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.unet(x_t, t, **self.prompts.conditions(_prompts(labels).to(x_t.device), x_t.dtype)).sample
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.guidance <= 1:
+            return super().forward(x, sigma, labels)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        uncond = torch.full_like(_prompts(labels), len(self.prompts))
+        both = super().forward(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, uncond]))
+        cond, free = both.chunk(2)
+        return free + self.guidance * (cond - free)
+
+
+def _prompts(labels: torch.Tensor | None) -> torch.Tensor:
+    if labels is None:
+        raise ValueError("a text-conditional network needs prompt indices as its labels")
+    return labels
+
+
+class LCMGenerator(nn.Module):
+    """G(z, prompt) = c_skip z + c_out x0_pred(UNet(z, t)): diffusers' LCMScheduler.step at timestep t, the last (and
+    only) step, so ``pipe(prompt, num_inference_steps=1, guidance_scale=0, timesteps=[t])`` samples this generator."""
+
+    def __init__(self, denoiser: TextDenoiser, timestep: int, timestep_scaling: float = 10.0):
+        super().__init__()
+        self.denoiser, self.timestep = denoiser, int(timestep)
+        scaled = self.timestep * timestep_scaling
+        self.c_skip, self.c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5  # LCM's sigma_data 0.5
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.full((len(z),), self.timestep, device=z.device)
+        out = self.denoiser.call_unet(z, t, labels)
+        # abar_t from the denoiser's schedule (a buffer, loaded with the weights): sigma^2 = (1 - abar) / abar
+        abar = 1 / (1 + torch.exp(2 * self.denoiser.log_sigmas[self.timestep].double()))
+        alpha, beta = float(abar.sqrt()), float((1 - abar).sqrt())
+        kind = self.denoiser.prediction_type
+        x0 = (
+            (z - beta * out) / alpha
+            if kind == "epsilon"
+            else (alpha * z - beta * out if kind == "v_prediction" else out)
+        )
+        return self.c_skip * z + self.c_out * x0
+
+
+def guide(target: nn.Module, scale: float) -> nn.Module:
+    """Classifier-free guidance at ``scale`` on every text denoiser inside ``target`` (the target score only)."""
+    for module in target.modules():
+        if isinstance(module, TextDenoiser):
+            module.guidance = scale
+    return target
+
+
+def rebuild(meta: ModelMeta, folder: Path) -> TextDenoiser:
+    """The network a text-to-image model file describes; its prompt table is the file beside the teacher's."""
+    from diffusers import UNet2DConditionModel
+
+    spec = meta.spec
+    # beside the model file (the teacher's folder), else where the teacher's import wrote it
+    table = next((t for t in (Path(folder) / spec["prompts"], Path(spec["prompts_path"])) if t.is_file()), None)
+    if table is None:
+        raise DisbackError(
+            f"{spec['prompts_path']} is missing: a text-to-image model needs the prompt table that "
+            "`disback text` wrote beside its teacher"
+        )
+    unet = UNet2DConditionModel.from_config(spec["unet_config"])
+    # the schedule is a buffer, loaded with the weights
+    return TextDenoiser(unet, torch.full((spec["num_timesteps"],), 0.5), spec["prediction_type"], Prompts.load(table))
+
+
+def generator(denoiser: TextDenoiser, meta: ModelMeta, sigma_g: float) -> LCMGenerator:
+    """A text denoiser's generator runs at the fixed timestep of its file (text.timestep), not at sigma_g."""
+    return LCMGenerator(denoiser, meta.spec["timestep"])
