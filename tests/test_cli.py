@@ -137,7 +137,7 @@ def test_bad_data_files_from_the_command_line(tmp_path, capsys):
 
 
 def test_demo_teacher_takes_a_teacher_file_and_the_old_spelling_of_pretrained_is_deprecated(tmp_path, capsys):
-    (tmp_path / "ddpm").mkdir()  # not a disback teacher: --teacher means --pretrained here, with a deprecation note
+    (tmp_path / "ddpm" / "unet").mkdir(parents=True)  # a diffusers model: --teacher means --pretrained, deprecated
     assert (
         main(["demo", "--teacher", str(tmp_path / "ddpm"), "--out", str(tmp_path / "x"), "--set", "distill.stpes=1"])
         == 2
@@ -147,3 +147,19 @@ def test_demo_teacher_takes_a_teacher_file_and_the_old_spelling_of_pretrained_is
     assert "did you mean 'distill.steps'" in err  # the config is checked as before
     assert main(["demo", "--teacher", str(tmp_path / "ddpm"), "--pretrained", "x", "--out", str(tmp_path / "y")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_a_teacher_that_is_not_a_teacher_is_refused_before_overwrite_deletes(tmp_path, capsys):
+    t, d = tmp_path / "teacher", tmp_path / "d"
+    assert main(["teacher", "--out", str(t), *TINY_ARGS, "--set", "teacher.steps=20"]) == 0
+    assert main(["distill", "--teacher", str(t), "--out", str(d), *TINY_ARGS, "--set", "distill.steps=2"]) == 0
+    before = sorted(p.name for p in d.iterdir())
+    for command in (["degrade"], ["distill"]):  # a generator given as the teacher
+        args = [*command, "--teacher", str(d / "generator.safetensors"), "--out", str(d), "--overwrite", *TINY_ARGS]
+        assert main(args) == 2
+        assert "is a generator, not a teacher denoiser" in capsys.readouterr().err
+    assert sorted(p.name for p in d.iterdir()) == before
+    assert main(["demo", "--teacher", str(tmp_path / "tacher.safetensors"), "--out", str(tmp_path / "x")]) == 2
+    assert "no teacher file at" in capsys.readouterr().err  # a typo, not a deprecated diffusers model
+    assert main(["demo", "--teacher", str(t), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "would delete the teacher" in capsys.readouterr().err and (t / "teacher.safetensors").is_file()

@@ -43,10 +43,14 @@ def test_every_named_choice_has_its_implementation_and_no_other_exists():
     from disback.config import choices
     from disback.data import builtin_names
     from disback.diffusion.losses import GENERATOR_LOSSES
+    from disback.engine.loop import Guard
     from disback.method.recording import node_steps
-    from disback.method.schedules import SCHEDULES
+    from disback.method.schedules import SCHEDULE_CLASSES
+    from disback.stages.runtime import MIXED_PRECISION
 
-    assert set(SCHEDULES) == set(choices.SCHEDULES)
+    assert set(SCHEDULE_CLASSES) == set(choices.SCHEDULES)
+    assert set(MIXED_PRECISION) == set(choices.PRECISIONS)
+    assert set(choices.ON_NONFINITE) == {"stop", "skip"} and Guard().on_nonfinite in choices.ON_NONFINITE
     assert {m.loss for m in choices.METHODS.values()} == set(GENERATOR_LOSSES)
     assert set(builtin_names()) == set(choices.DATASETS)
     for spacing in set(choices.SPACINGS) - {"distance"}:  # distance spacing is the DistanceRecorder's
@@ -55,14 +59,16 @@ def test_every_named_choice_has_its_implementation_and_no_other_exists():
         (choices.METHODS, "distill.method"),
         (choices.SCHEDULES, "distill.schedule"),
         (choices.SPACINGS, "degrade.spacing"),
+        (choices.PRECISIONS, "run.precision"),
+        (choices.ON_NONFINITE, "run.on_nonfinite"),
+        (choices.NETWORKS, "network.kind"),
     ):
         for name in table:
             section, field = key.split(".")
             extra = {"fake_updates": 2} if key == "distill.method" else {}
-            assert (
-                getattr(getattr(build_config("toy2d", overrides={section: {field: name, **extra}}), section), field)
-                == name
-            )
+            preset = "digits" if (key, name) == ("network.kind", "unet") else "toy2d"
+            cfg = build_config(preset, overrides={section: {field: name, **extra}})
+            assert getattr(getattr(cfg, section), field) == name
         with pytest.raises(DisbackError, match=f"'{key}' must be one of {', '.join(table)}"):
             build_config("toy2d", overrides={section: {field: "nonsense"}})
 

@@ -116,6 +116,14 @@ def test_fsdp_needs_several_processes_and_full_networks():
         tiny_config(run={"fsdp": True}, network={"lora_rank": 4})
 
 
+def test_a_sharded_demo_in_one_process_stops_before_it_writes_anything(tmp_path, capsys):
+    from disback.cli import main
+
+    assert main(["demo", "--set", "run.fsdp=true", "--out", str(tmp_path / "demo")]) == 2
+    assert "torch.distributed.run --nproc_per_node" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 HELPERS = """
 import sys
 import torch

@@ -49,6 +49,8 @@ def test_lora_path_and_distillation_train_adapters_only_and_load_every_node_exac
     assert all(k.endswith(".weight") and ".lora_" in k for k in nodes[0])
     assert all(float(v.abs().max()) == 0 for k, v in nodes[0].items() if "lora_B" in k)  # node 0 is the teacher
     assert any(float(v.abs().max()) > 0 for k, v in nodes[-1].items() if "lora_B" in k)  # the adapters did train
+    with pytest.raises(DisbackError, match="holds only the LoRA adapters \\(rank 4\\)"):  # not a network on its own
+        load_model(path.root / path.nodes[-1].file)
 
     data = load_data(cfg.data, cfg.seed)
     result = stages.distill(

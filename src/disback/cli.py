@@ -141,19 +141,33 @@ def _config(args: argparse.Namespace, data_default: str | None = None):
 
 
 def _demo_teacher(args: argparse.Namespace) -> Path | None:
-    """demo --teacher: a disback teacher file (or its folder) to use; anything else is the old spelling of --pretrained."""
+    """demo --teacher: a disback teacher file (or its folder) to use; a diffusers model is the old spelling of
+    --pretrained, with a deprecation note."""
     from disback.stages.common import resolve_teacher
 
     if not args.teacher:
         return None
-    if resolve_teacher(Path(args.teacher)).is_file():
-        return Path(args.teacher)
     if args.pretrained:
         raise DisbackError(
             "give --pretrained (a diffusers model to import) or --teacher (a disback teacher file), not both"
         )
+    given = Path(args.teacher)
+    file = resolve_teacher(given)
+    if file.is_file():
+        if getattr(args, "overwrite", False) and Path(args.out).resolve() in file.resolve().parents:
+            raise DisbackError(
+                f"--overwrite would delete the teacher {file}, which is inside --out {args.out}; "
+                "copy it elsewhere or choose another --out"
+            )
+        return given
+    diffusers_like = given.is_dir() and any((given / n).exists() for n in ("unet", "config.json", "model_index.json"))
+    if given.suffix == ".safetensors" or (given.exists() and not diffusers_like):
+        raise DisbackError(
+            f"no teacher file at {file}: give teacher.safetensors (or its folder) as `disback teacher` "
+            "writes it, or a diffusers model with --pretrained"
+        )
     log.warning(
-        "`demo --teacher` with a diffusers model is deprecated: use --pretrained %s (--teacher now takes a "
+        "`demo --teacher` with a diffusers model is deprecated: use --pretrained %s (--teacher takes a "
         "teacher file written by `disback teacher`)",
         args.teacher,
     )
@@ -182,9 +196,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from disback.jobs.demo import run_demo
         from disback.jobs.report import write_report
+        from disback.stages.common import teacher_meta
 
         teacher = _demo_teacher(args)
-        cfg = _config(args)
+        cfg = _config(args, data_default=teacher_meta(teacher).data if teacher else None)
         settled()
         run_demo(cfg, Path(args.out), show, resume, teacher)
         if is_writer():  # the summary it reads is the main process's
@@ -200,22 +215,20 @@ def run(argv: list[str] | None = None) -> int:
         say(f"teacher: {path}")
     elif args.command == "degrade":
         from disback import stages
-        from disback.stages.common import resolve_teacher
-        from disback.storage.meta import read_meta
+        from disback.stages.common import teacher_meta
 
         cfg = _config(args)
-        read_meta(resolve_teacher(Path(args.teacher)))  # a missing or foreign teacher fails before --overwrite deletes
+        teacher_meta(Path(args.teacher))  # a missing or wrong teacher fails before --overwrite deletes anything
         settled()
         path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume)
         say(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
     elif args.command in ("backtrack", "distill"):
         from disback import stages
         from disback.data import load_data
-        from disback.stages.common import resolve_teacher
-        from disback.storage.meta import read_meta
+        from disback.stages.common import resolve_teacher, teacher_meta
 
         teacher_file = resolve_teacher(Path(args.teacher))
-        cfg = _config(args, data_default=read_meta(teacher_file).data)
+        cfg = _config(args, data_default=teacher_meta(teacher_file).data)
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
         settled()
         result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show, resume)
@@ -246,10 +259,8 @@ def run(argv: list[str] | None = None) -> int:
         from disback.jobs.export import export
 
         out = export(Path(args.run), Path(args.out))
-        say(
-            f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}', custom_pipeline='{out}', "
-            "trust_remote_code=True))"
-        )
+        custom = f", custom_pipeline='{out}', trust_remote_code=True" if (out / "pipeline.py").is_file() else ""
+        say(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}'{custom}))")
     elif args.command == "report":
         from disback.jobs.report import write_report
 

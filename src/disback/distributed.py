@@ -9,7 +9,7 @@ through Accelerate) the rules are:
 - values that steer the run (the losses in the logs, the adaptive schedule's gap, "is this loss finite", "was SIGTERM
   received") are agreed across processes (``mean_across``, ``everyone``, ``anyone``), so that all processes take the
   same branch;
-- only the main process writes files (``is_writer``; disback.weights and the logs check it); ``wait`` is the barrier
+- only the main process writes files (``is_writer``; disback.storage.files and the logs check it); ``wait`` is the barrier
   placed where the others then read what it wrote.
 """
 

@@ -11,9 +11,7 @@ from typing import Any
 
 @dataclass
 class DataConfig:
-    name: (
-        str  # built-in (`disback list`), or a file / folder of the user's: .npy/.csv points, .npz or a folder of images
-    )
+    name: str  # built-in (`disback list`), or the user's: .npy/.csv points, an .npz or a folder of images
     n_train: int  # points drawn once from a built-in 2-D distribution (ignored by data sets of fixed size)
     n_eval: int  # generator samples per evaluation (and reference points for built-in 2-D data)
     root: str = ""  # where a built-in image data set lives, if not in its usual place
@@ -32,9 +30,7 @@ class NetworkConfig:
     attention: list[bool] = field(default_factory=lambda: [False, True])  # unet: self-attention in each level
     norm_groups: int = 8  # unet
     num_classes: int = 0  # unet: > 0 makes every network class-conditional (UNet2DModel's num_class_embeds)
-    lora_rank: int = (
-        0  # > 0: the fake score and the degrading model are LoRA adapters on the frozen teacher (disback.lora)
-    )
+    lora_rank: int = 0  # > 0: the fake score and the degrading model are LoRA adapters on the frozen teacher
 
 
 @dataclass
@@ -106,9 +102,7 @@ class EvalConfig:
 class RunConfig:
     checkpoint_every: int = 500  # steps between checkpoints of every stage (and one at its end); resume with --resume
     keep: int = 2  # checkpoints kept per stage; older ones are deleted only once a newer one is complete
-    on_nonfinite: str = (
-        "stop"  # a non-finite loss: "stop" (clear error, last good checkpoint kept) or "skip" the update
-    )
+    on_nonfinite: str = "stop"  # a non-finite loss: "stop" (an error; the last good checkpoint kept) or "skip"
     max_skipped: int = 20  # "skip": stop after this many consecutive skipped steps
     precision: str = "fp32"  # "bf16": autocast in bf16 with fp32 master weights, and the frozen target held in bf16
     channels_last: bool = False  # UNets in channels-last memory format (faster convolutions on recent GPUs)
@@ -122,9 +116,7 @@ class RunConfig:
 class TextConfig:
     """Text-to-image runs (`disback text`): the pipeline's UNet distilled on a prompts file."""
 
-    guidance: float = (
-        8.0  # classifier-free guidance scale of the target score (the original's 8); none on the fake score
-    )
+    guidance: float = 8.0  # classifier-free guidance scale of the target score (the original's 8), not the fake's
     timestep: int = 399  # the generator is the UNet at this timestep on pure noise, as LCMScheduler samples in one step
 
 

@@ -16,6 +16,7 @@ from disback.errors import DisbackError
 from disback.jobs.summary import Budgets, RunSummary, Summary
 from disback.stages.common import metrics_for
 from disback.stages.distill import dwell_bounds
+from disback.stages.runtime import accelerator, sharded
 from disback.storage.files import save_array, write_json
 from disback.storage.runfolder import begin_stage
 
@@ -41,6 +42,7 @@ def run_demo(
     latest checkpoint, so a killed demo rerun with --resume ends as an uninterrupted one would have."""
     begun = time.perf_counter()
     out = Path(out)
+    sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is trained
     prepare_out(cfg, out, resume)
     data = load_data(cfg.data, cfg.seed)
     save_array(out / "reference.npy", data.reference[: cfg.data.n_eval])  # the report's "data" panel

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from disback.diffusion.denoisers import EDMDenoiser, VPDenoiser
 from disback.errors import DisbackError
+from disback.storage.files import write_folder
 from disback.storage.kinds import kind_of
 from disback.storage.meta import read_meta
 from disback.storage.models import load_model
@@ -31,8 +31,6 @@ def build_pipeline(generator_file: Path):
     from disback.jobs.pipeline_onestep import OneStepPipeline
 
     model, meta = load_model(generator_file)
-    if meta.role != "generator":
-        raise DisbackError(f"{generator_file} is a {meta.role}, not a one-step generator")
     if not meta.is_images:
         raise DisbackError(f"{generator_file} generates points, not images; use `disback sample` for point generators")
     if meta.normaliser.get("scale") != 0.5 or meta.normaliser.get("mean") != 0.5:
@@ -67,18 +65,18 @@ def export(run: Path, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise DisbackError(f"{out} is not empty; choose another --out or delete it")
     generator_file = find_generator(Path(run))
-    own = kind_of(read_meta(generator_file), generator_file).export
+    meta = read_meta(generator_file)
+    if meta.role != "generator":
+        raise DisbackError(
+            f"{generator_file} is a {meta.role}, not a one-step generator; export a generator.safetensors"
+        )
+    own = kind_of(meta, generator_file).export
     if own is not None:
         return own(generator_file, out)
     pipe = build_pipeline(generator_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.copy(Path(__file__).with_name("pipeline_onestep.py"), tmp / "pipeline.py")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def fill(folder: Path) -> None:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        shutil.copy(Path(__file__).with_name("pipeline_onestep.py"), folder / "pipeline.py")
+
+    return write_folder(out, fill)

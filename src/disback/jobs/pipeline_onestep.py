@@ -6,7 +6,7 @@ pipeline.py, so that the folder loads without disback installed:
     pipe = DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)
     images = pipe(batch_size=16).images
 
-With disback installed, ``disback.pipeline_onestep.OneStepPipeline.from_pretrained(DIR)`` does the same.
+With disback installed, ``disback.jobs.pipeline_onestep.OneStepPipeline.from_pretrained(DIR)`` does the same.
 """
 
 from __future__ import annotations

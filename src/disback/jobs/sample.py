@@ -26,6 +26,10 @@ def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, p
     how = kind_of(meta, model_file).sampled_by
     if how is not None:  # checked before the network is built: such models are large, and this command cannot use them
         raise DisbackError(f"{model_file} is a {meta.kind} model, which `disback sample` does not draw; {how(meta)}")
+    if meta.role == "denoiser" and not meta.edm:
+        raise DisbackError(
+            f"{model_file} is a denoiser of kind {meta.kind} without sampling settings; sample a generator"
+        )
     model, meta = load_model(Path(model_file))
     z = torch.randn(n, *meta.shape, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(n) % meta.num_classes if meta.num_classes else None

@@ -31,7 +31,7 @@ class Node:
     step: int  # stage-1 training step at which the node was saved (0 for the teacher)
     file: str  # relative to the path folder
     sha256: str
-    distance: float | None = None  # measured distance from the teacher (disback.recording.DistanceProbe)
+    distance: float | None = None  # measured distance from the teacher (disback.method.recording.DistanceProbe)
 
 
 class DegradationPath:

@@ -122,7 +122,7 @@ class WarmStart(TargetSchedule):
         return False
 
 
-SCHEDULES: dict[str, type[TargetSchedule]] = {
+SCHEDULE_CLASSES: dict[str, type[TargetSchedule]] = {
     "fixed": FixedSchedule,
     "adaptive": AdaptiveSchedule,
     "warm_start": WarmStart,
@@ -134,4 +134,4 @@ def make_schedule(
 ) -> TargetSchedule:
     """The schedule that ``distill.schedule`` names (a key of choices.SCHEDULES), with its settings."""
     settings = {"fixed": {"every": every}, "adaptive": {"ratio": ratio, "min_dwell": min_dwell, "max_dwell": max_dwell}}
-    return SCHEDULES[kind](num_nodes, **settings.get(kind, {}))
+    return SCHEDULE_CLASSES[kind](num_nodes, **settings.get(kind, {}))

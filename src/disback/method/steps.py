@@ -10,9 +10,8 @@ from accelerate import Accelerator
 
 from disback.distributed import everyone, local
 
-Source = Callable[
-    [int], tuple[torch.Tensor, torch.Tensor | None]
-]  # n -> (x0, class labels or None): this process's share
+# n -> (x0, class labels or None): this process's share of a batch of n
+Source = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def shares(sigma: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

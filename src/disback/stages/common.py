@@ -17,7 +17,8 @@ from disback.engine.checkpoint import Checkpoints
 from disback.engine.loop import Guard
 from disback.errors import DisbackError
 from disback.metrics import build_metrics
-from disback.storage.meta import ModelMeta
+from disback.storage.kinds import kind_of
+from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.models import load_model
 
 TEACHER = "teacher.safetensors"
@@ -29,12 +30,22 @@ def resolve_teacher(path: Path) -> Path:
     return path / TEACHER if path.is_dir() else path
 
 
-def load_teacher(path: Path) -> tuple[torch.nn.Module, ModelMeta]:
+def teacher_meta(path: Path) -> ModelMeta:
+    """The description of a teacher file (or of the folder holding one), checked without building the network."""
     path = resolve_teacher(path)
-    model, meta = load_model(path)
-    if meta.role != "denoiser":
-        raise DisbackError(f"{path} is a {meta.role}, not a teacher denoiser")
-    return model, meta
+    meta = read_meta(path)
+    if meta.role != "denoiser" or meta.adapter_rank:
+        raise DisbackError(
+            f"{path} is a {'LoRA adapter file' if meta.adapter_rank else meta.role}, not a teacher denoiser; "
+            "give teacher.safetensors (or its folder) as `disback teacher` writes it"
+        )
+    kind_of(meta, path)
+    return meta
+
+
+def load_teacher(path: Path) -> tuple[torch.nn.Module, ModelMeta]:
+    teacher_meta(path)
+    return load_model(resolve_teacher(path))
 
 
 def check_data_matches(data: Data, meta: ModelMeta, where: Path) -> None:

@@ -39,13 +39,15 @@ def record_path(
     checkpoint (a complete path is returned as it is). ``callbacks`` join the loop's, after the recorder."""
     out = Path(out)
     teacher_file = resolve_teacher(teacher_file)
-    begin_stage(cfg, out, resume, {"teacher_sha256": sha256_file(teacher_file)})
+    acc = accelerator(cfg.run.precision)
+    fsdp = sharded(cfg, acc)  # a launch that cannot shard fails before anything is written
+    teacher_sha = sha256_file(teacher_file)
+    begin_stage(cfg, out, resume, {"teacher_sha256": teacher_sha})
     if resume and (out / MANIFEST).is_file():
         existing = DegradationPath.load(out)
         if existing.complete:
             return existing
     set_seed(cfg.seed + 1)
-    acc = accelerator(cfg.run.precision)
     teacher, meta = load_teacher(teacher_file)
     teacher = teacher.to(acc.device)
     generator0 = generator_from_teacher(teacher, meta, cfg.distill.sigma_g).requires_grad_(False)
@@ -60,7 +62,7 @@ def record_path(
         with torch.no_grad():
             return generator0(z, labels), labels
 
-    config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": sha256_file(teacher_file)}
+    config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": teacher_sha}
     path = DegradationPath.create(out, config, replace=resume)
     probe = DistanceProbe(teacher, *source(cfg.degrade.batch, share=False), cfg.edm, seed=cfg.seed)
     # psi starts at theta: a copy of the teacher, or zero LoRA adapters on it (network.lora_rank)
@@ -70,6 +72,7 @@ def record_path(
         else copy.deepcopy(teacher).requires_grad_(True)
     )
     speed_up(cfg.run, degrading)
+    meta = meta.as_adapters(cfg.network.lora_rank)  # the nodes' description: LoRA nodes hold adapters only
     path.add_node(degrading, 0, meta, 0.0)
     task = ScoreFitting(
         degrading,
@@ -79,7 +82,7 @@ def record_path(
         edm=cfg.edm,
         accelerator=acc,
         stage="degrade",
-        fsdp=sharded(cfg, acc),
+        fsdp=fsdp,
     )
     deg, steps = cfg.degrade, cfg.degrade.steps
     if deg.spacing == "distance":

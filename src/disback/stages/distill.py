@@ -57,19 +57,20 @@ def distill(
     ``callbacks`` join the loop's. Returns the result (switches, nodes) and the metrics records."""
     out = Path(out)
     teacher_file = resolve_teacher(teacher_file)
+    acc = accelerator(cfg.run.precision)
+    fsdp = sharded(cfg, acc)  # a launch that cannot shard fails before anything is written
     stage = "distill" if path is None else "backtrack"
+    teacher_sha = sha256_file(teacher_file)
     if path is None:
-        path = DegradationPath.teacher_only(teacher_file, sha256_file(teacher_file))
-    inputs = {"teacher_sha256": sha256_file(teacher_file), "nodes_sha256": [n.sha256 for n in path.nodes]}
-    begin_stage(cfg, out, resume, inputs)
+        path = DegradationPath.teacher_only(teacher_file, teacher_sha)
+    check_lora_matches(cfg, path)
+    begin_stage(cfg, out, resume, {"teacher_sha256": teacher_sha, "nodes_sha256": [n.sha256 for n in path.nodes]})
     if resume and (out / RESULT).is_file():
         return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
     teacher, meta = load_teacher(teacher_file)
     check_data_matches(data, meta, teacher_file)
     measure = metrics_for(cfg, data)  # before the seed: a feature network trained now must not shift the run's RNG
     set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
-    acc = accelerator(cfg.run.precision)
-    check_lora_matches(cfg, path)
     generator = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
     # every node's sha256, keys and shapes, before any training (the baseline's one node is the teacher's full file)
     path.verify(scratch(teacher, cfg.network.lora_rank if len(path) > 1 else 0))
@@ -98,7 +99,7 @@ def distill(
         stage=stage,
         num_classes=meta.num_classes,
         real=real,
-        fsdp=sharded(cfg, acc),
+        fsdp=fsdp,
     )
     z, labels = eval_noise(cfg, data.shape, meta.num_classes, acc.device)
 
@@ -117,7 +118,7 @@ def distill(
     )
     save_array(out / "samples.npy", samples())
     save_model(generator, out / "generator.safetensors", meta.as_generator(d.sigma_g))
-    save_model(fake, out / "fake.safetensors", meta)
+    save_model(fake, out / "fake.safetensors", meta.as_adapters(cfg.network.lora_rank))
     result = {"switches": task.switches, "nodes": len(path)}
     write_json(out / RESULT, result)  # last: its presence marks the run as finished
     wait()

@@ -10,12 +10,13 @@ from disback.distributed import state, world
 from disback.errors import DisbackError
 
 _ACCELERATOR: Accelerator | None = None
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16"}  # choices.PRECISIONS -> accelerate's mixed_precision
 
 
 def accelerator(precision: str = "fp32") -> Accelerator:
     """One Accelerator per process (Accelerate keeps global state); one process here, many under accelerate launch."""
     global _ACCELERATOR
-    mixed = {"fp32": "no", "bf16": "bf16"}[precision]
+    mixed = MIXED_PRECISION[precision]
     if _ACCELERATOR is None:
         state()  # the process group first, so that a CPU-only machine runs several processes over gloo
         _ACCELERATOR = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())

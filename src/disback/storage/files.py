@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from disback.distributed import is_writer
 
@@ -57,3 +58,21 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_folder(out: Path, fill: Callable[[Path], None]) -> Path:
+    """Call ``fill(tmp_folder)`` on a temporary folder beside ``out``, then rename it into place (replacing an
+    earlier ``out``): a reader never sees half a folder. Under several processes only the main one writes."""
+    out = Path(out)
+    if not is_writer():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

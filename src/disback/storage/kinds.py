@@ -40,16 +40,16 @@ def as_is(target: nn.Module, cfg: Config) -> nn.Module:
 
 @dataclass(frozen=True)
 class ModelKind:
-    rebuild: Callable[
-        [ModelMeta, Path], nn.Module
-    ]  # the denoiser a file describes (its weights are loaded after), given
-    #                                                  the file's folder for files that sit beside it
-    generator: Callable[[nn.Module, ModelMeta, float], nn.Module] = one_step  # the one-step generator around a denoiser
-    target: Callable[[nn.Module, Config], nn.Module] = as_is  # a target score of this kind (text: with guidance)
-    sampled_by: Callable[[ModelMeta], str] | None = None  # kinds that `disback sample` cannot draw: how to sample them
-    export: Callable[[Path, Path], Path] | None = (
-        None  # `disback export` of a generator of this kind, if not the core's
-    )
+    """How the files of one kind become networks. ``rebuild`` gets the file's folder too, for files that sit beside it
+    (a text model's prompt table). ``target`` adapts a target score in place (its state_dict keys unchanged: node files
+    are loaded into what it returns). ``sampled_by`` says how a kind that `disback sample` cannot draw is sampled
+    instead; ``export`` writes a generator of this kind when the core's export does not fit it."""
+
+    rebuild: Callable[[ModelMeta, Path], nn.Module]
+    generator: Callable[[nn.Module, ModelMeta, float], nn.Module] = one_step
+    target: Callable[[nn.Module, Config], nn.Module] = as_is
+    sampled_by: Callable[[ModelMeta], str] | None = None
+    export: Callable[[Path, Path], Path] | None = None
 
 
 KINDS: dict[str, ModelKind] = {}
@@ -59,15 +59,24 @@ def register_kind(name: str, kind: ModelKind) -> None:
     KINDS[name] = kind
 
 
+_plugins_loaded = False
+
+
 def kind_of(meta: ModelMeta, where: Path | str = "") -> ModelKind:
-    """The registered kind of a model file, loading the installed plugins once if it is not known yet."""
-    if meta.kind not in KINDS:
+    """The registered kind of a model file, loading the installed plugins (once) if it is not known yet."""
+    global _plugins_loaded
+    if meta.kind not in KINDS and not _plugins_loaded:
+        _plugins_loaded = True
         for entry in entry_points(group=ENTRY_POINTS):
-            entry.load()  # the plugin's module registers its kinds when imported
+            try:
+                entry.load()  # the plugin's module registers its kinds when imported
+            except Exception as exc:  # a broken plugin must not hide which one it is
+                raise DisbackError(f"the disback plugin '{entry.name}' ({entry.value}) failed to load: {exc}") from exc
     if meta.kind not in KINDS:
         raise DisbackError(
             f"{where or 'the model'} is a model of kind '{meta.kind}', which no installed disback plugin "
-            f"provides (known kinds: {', '.join(sorted(KINDS))})"
+            f"provides (known kinds: {', '.join(sorted(KINDS))}); plugins register through the entry "
+            f"point group {ENTRY_POINTS}, so disback must be installed (pip install -e .)"
         )
     return KINDS[meta.kind]
 
@@ -92,7 +101,7 @@ def edm_meta(
 
 
 def _rebuild_edm(meta: ModelMeta, folder: Path) -> nn.Module:
-    return build_denoiser(NetworkConfig(**meta.spec["network"]), tuple(meta.shape), meta.spec["sigma_data"])
+    return build_denoiser(NetworkConfig(**meta.spec["network"]), tuple(meta.shape), meta.edm["sigma_data"])
 
 
 # ---------------------------------------------------------------- vp: pretrained diffusers UNet2DModel
@@ -116,8 +125,8 @@ def import_pretrained(source: str) -> tuple[VPDenoiser, ModelMeta]:
     """A diffusers UNet2DModel and its scheduler, from a local folder or a hub id, as a VP denoiser.
 
     Accepts a pipeline folder (``unet/`` and ``scheduler/`` subfolders) or a model folder (the UNet's config.json and
-    scheduler_config.json side by side), as the hub's DDPM models are laid out. The data's settings (normaliser,
-    EDM sampling settings, data name) are the caller's to fill in.
+    scheduler_config.json side by side), as the hub's DDPM models are laid out. Its images live in [-1, 1] (the
+    normaliser); the EDM sampling settings and the data's name are the caller's to fill in.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 

@@ -28,6 +28,7 @@ class ModelMeta:
     source: str = ""  # a pretrained model's folder or hub id
     node: int | None = None  # path nodes: the node's index and the stage-1 step it was saved at
     step: int | None = None
+    adapter_rank: int = 0  # > 0: the file holds only LoRA adapters of this rank (on its teacher), not a whole network
 
     def header(self) -> dict[str, Any]:
         return {"format": FORMAT, **dataclasses.asdict(self)}
@@ -50,6 +51,10 @@ class ModelMeta:
 
     def as_node(self, index: int, step: int) -> "ModelMeta":
         return dataclasses.replace(self, node=index, step=step)
+
+    def as_adapters(self, rank: int) -> "ModelMeta":
+        """The description of LoRA adapters (rank > 0) on the network this describes, or of the network (rank 0)."""
+        return dataclasses.replace(self, adapter_rank=rank)
 
     @property
     def is_images(self) -> bool:

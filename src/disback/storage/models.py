@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from disback.errors import DisbackError
 from disback.storage.kinds import kind_of
 from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.weights import load_weights, save_weights
@@ -18,6 +19,11 @@ def load_model(path: Path) -> tuple[nn.Module, ModelMeta]:
     """A denoiser or a one-step generator from its file; the architecture comes from the file's header."""
     path = Path(path)
     meta = read_meta(path)
+    if meta.adapter_rank:
+        raise DisbackError(
+            f"{path} holds only the LoRA adapters (rank {meta.adapter_rank}) of a path node or fake score "
+            "on its teacher; the stages that made it read it (disback backtrack), not on its own"
+        )
     kind = kind_of(meta, path)
     model = kind.rebuild(meta, path.parent)
     if meta.role == "generator":

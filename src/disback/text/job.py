@@ -13,10 +13,12 @@ from disback.config.choices import METHODS
 from disback.data import Data
 from disback.distributed import is_writer, wait
 from disback.errors import DisbackError
+from disback.stages.common import TEACHER
+from disback.stages.runtime import accelerator, sharded
 from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.runfolder import begin_stage
 from disback.text.captions import read_captions
-from disback.text.pipeline import TEACHER, export_text, import_text_teacher
+from disback.text.pipeline import export_text, import_text_teacher
 from disback.text.prompts import read_prompts
 
 
@@ -59,6 +61,7 @@ def run_text(
             f"method {cfg.distill.method} needs real images for its GAN term: give --real captions.jsonl "
             '(lines {"image": ..., "prompt": ...}), or use --method dmd, vsd or sid'
         )
+    sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is imported
     out = Path(out)
     real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
     begin_stage(

@@ -4,22 +4,19 @@ LCMScheduler, sampled in one step."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from disback.errors import DisbackError
-from disback.storage.files import atomic_write
+from disback.stages.common import TEACHER
+from disback.storage.files import atomic_write, write_folder
 from disback.storage.kinds import unet_spec
 from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.models import load_model, save_model
 from disback.text.captions import REAL, encode_images, read_captions
 from disback.text.networks import TextDenoiser
 from disback.text.prompts import PROMPTS, Prompts, encode_prompts, load_component, read_prompts
-
-TEACHER = "teacher.safetensors"
 
 
 def import_text_teacher(
@@ -111,7 +108,8 @@ def export_text(generator_file: Path, out: Path) -> Path:
     meta = read_meta(generator_file)
     if meta.role != "generator" or meta.kind != "text":
         raise DisbackError(
-            f"{generator_file} is not a text-to-image generator (export it with `disback export` instead)"
+            f"{generator_file} is a {meta.kind} {meta.role}, not a text-to-image generator; give the generator.safetensors "
+            "of a `disback text` run"
         )
     generator, _ = load_model(generator_file)
     try:
@@ -122,19 +120,13 @@ def export_text(generator_file: Path, out: Path) -> Path:
         ) from None
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp)
-        (tmp / "DISBACK.md").write_text(
+
+    def fill(folder: Path) -> None:
+        pipe.save_pretrained(folder)
+        snippet = sample_command(out, meta.spec["timestep"]).replace("; ", "\n")
+        (folder / "DISBACK.md").write_text(
             f"One-step generator distilled by disback from {meta.source}.\n\n"
-            "```python\nfrom diffusers import DiffusionPipeline\n"
-            + sample_command(out, meta.spec["timestep"]).replace("; ", "\n")
-            + "\n```\n"
+            f"```python\nfrom diffusers import DiffusionPipeline\n{snippet}\n```\n"
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder(out, fill)
