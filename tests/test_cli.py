@@ -86,6 +86,7 @@ def test_demo_writes_report_plots_and_summary(tmp_path, capsys):
     assert (other / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_demo_on_a_users_points_as_a_real_process(tmp_path):
     """The installed entry point, in a fresh process, on points it has never seen (3-D, far from unit scale)."""
     rng = np.random.default_rng(0)

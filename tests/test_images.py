@@ -193,6 +193,7 @@ def _diffusers_teacher(folder):
     return unet
 
 
+@pytest.mark.slow
 def test_a_saved_diffusers_teacher_is_distilled_through_the_same_code_path(tmp_path, capsys):
     _diffusers_teacher(tmp_path / "ddpm")
     out = tmp_path / "demo"
@@ -212,6 +213,7 @@ def test_a_saved_diffusers_teacher_is_distilled_through_the_same_code_path(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(teacher.unet.state_dict().values(), original.state_dict().values()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [0, 10])
 def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classes):
     out = tmp_path / "demo"
@@ -256,6 +258,7 @@ def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classe
     assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 2
 
 
+@pytest.mark.slow
 def test_demo_on_a_folder_of_images_it_has_never_seen(tmp_path, capsys):
     """Unlabelled RGB images of another size: resized to the preset, measured with a rotation-trained classifier."""
     folder = tmp_path / "shapes"

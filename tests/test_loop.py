@@ -123,6 +123,7 @@ def test_distillation_with_reused_samples_improves_the_generator(tiny_teacher, t
     assert records[-1]["swd"] < 0.5 * records[0]["swd"], (records[0]["swd"], records[-1]["swd"])
 
 
+@pytest.mark.slow
 def test_compiled_networks_distill_as_eager_ones_and_switch_targets(tiny_teacher, tmp_path):
     """run.compile: the networks are compiled in place, so weight files keep their keys, node files load into the
     compiled target at each switch, and the weights end where eager ones do (up to the compiler's rounding)."""

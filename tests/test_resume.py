@@ -240,6 +240,7 @@ def test_stage_folders_are_not_overwritten_without_being_asked(tmp_path, capsys)
     assert main(["teacher", "--out", str(out), *TINY_ARGS, "--set", "teacher.steps=30", "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_a_demo_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
     """A real SIGKILL of a real process, at a random moment after its first checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
