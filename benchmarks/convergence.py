@@ -44,7 +44,7 @@ from disback.storage.files import write_json, write_text
 VARIANTS = {  # name -> (config overrides, whether it needs a degradation path)
     "baseline": ({}, False),
     "warm start": ({"distill": {"schedule": "warm_start"}}, True),  # stage 1 as the preset has it
-    # the paper's recipe as the previous release ran it: 8 nodes every K_1/8 stage-1 steps, target moved every M steps
+    # the paper's recipe: 8 nodes every K_1/8 stage-1 steps, the target moved every M generator steps
     "paper (steps + fixed)": (
         {"distill": {"schedule": "fixed"}, "degrade": {"spacing": "steps", "plateau": 0.0, "nodes": 8}},
         True,
