@@ -91,6 +91,15 @@ SUITES = {
     },
     "methods-quick": {"data": ["ring8"], "seeds": [0], "methods": METHODS, "budgets": {"toy2d": QUICK}},
 }
+# The schedule variants at the methods suite's budgets, 3 seeds: run once per generator noise level
+# (--set distill.sigma_g=...), so that the start-far diagnostic spans near and far starts (start_far.py plots it).
+SUITES["sigma_g"] = {
+    "data": ["ring8", "grid25", "moons", "checkerboard", "digits"],
+    "seeds": [0, 1, 2],
+    "methods": ["dmd"],
+    "budgets": SUITES["methods"]["budgets"],
+}
+SUITES["sigma_g-quick"] = SUITES["schedules-quick"]
 
 
 def preset_of(name: str) -> str:
@@ -130,6 +139,7 @@ def seed_job(
     base = config(name, seed, extra, budget)
     data = load_data(base.data, seed)
     teacher = metrics_for(base, data)(load_samples(Path(teacher_file).parent))
+    start_far = stages.start_far(base, data, teacher_file, None)  # how far the initial generator starts
     paths: dict[str, tuple] = {}
     runs = {}
     for variant in variants:
@@ -159,7 +169,15 @@ def seed_job(
             "stage1_wall_s": round(stage1_wall, 3),
             "node_distances": [n.distance for n in path.nodes] if path else None,
         }
-    result = {"data": Path(name).stem, "seed": seed, "measure": data.measure, "teacher": teacher, "runs": runs}
+    result = {
+        "data": Path(name).stem,
+        "seed": seed,
+        "measure": data.measure,
+        "teacher": teacher,
+        "runs": runs,
+        "sigma_g": base.distill.sigma_g,
+        "start_far": start_far,
+    }
     write_json(root / "result.json", result)  # a benchmark cut short keeps the jobs it finished (--reuse)
     print(f"{name} seed {seed} {method}: done", flush=True)
     return result
@@ -368,9 +386,10 @@ def main() -> None:
     parser.add_argument(
         "--suite",
         default="schedules",
-        choices=["schedules", "methods"],
+        choices=[k for k in SUITES if not k.endswith("-quick")],
         help="schedules: dmd, 5 data sets, 5 seeds; methods: every method, ring8 grid25 moons digits, "
-        "3 seeds, shorter budgets (about an hour here with --jobs 2)",
+        "3 seeds, shorter budgets (about an hour here with --jobs 2); sigma_g: the schedules at the methods "
+        "suite's budgets, 3 seeds, for one --set distill.sigma_g=... at a time",
     )
     parser.add_argument("--quick", action="store_true", help="the suite in a few minutes: 2-D data, small budgets")
     parser.add_argument("--data", nargs="+", help="default: the suite's")

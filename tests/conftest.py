@@ -88,4 +88,3 @@ def tiny_teacher(tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("teacher")
     data = load_data(cfg.data, cfg.seed)
     return stages.train_teacher(cfg, data, out, show_progress=False), cfg
-

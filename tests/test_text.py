@@ -332,3 +332,81 @@ def test_real_images_files_are_read_or_refused_clearly(tmp_path):
     (tmp_path / "gone.jsonl").write_text('{"image": "b.png", "prompt": "x"}\n')
     with pytest.raises(DisbackError, match="b.png does not exist"):
         read_captions(tmp_path / "gone.jsonl")
+
+
+# The original DisBack README's inference snippet, run as it is written but for the model, the file, the device and the
+# dtype (a tiny pipeline on the CPU in fp32): a UNet built from the base model's config, the released state dict loaded
+# into it with torch.load, the base pipeline around it, an LCMScheduler, one step at timestep 399.
+README_SNIPPET = """
+import sys, torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel, LCMScheduler
+base_model_id, ckpt = sys.argv[1], sys.argv[2]
+unet = UNet2DConditionModel.from_config(base_model_id, subfolder="unet")
+unet.load_state_dict(torch.load(ckpt, map_location="cpu"))
+pipe = DiffusionPipeline.from_pretrained(base_model_id, unet=unet)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+prompt = "a red square"
+image = pipe(prompt=prompt, num_inference_steps=1, guidance_scale=0, timesteps=[399], height=64, width=64).images[0]
+assert image.size == (64, 64), image.size
+print("sampled", type(pipe).__name__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("xl", [False, True], ids=["sd15-fp16-bin", "sdxl-diffusers-folder"])
+def test_the_original_recipe_refines_a_distilled_student(tmp_path, xl):
+    """disback text --generator: a student made by a short baseline run and saved as the field publishes it (an fp16
+    UNet state dict .bin, or a diffusers UNet folder) is refined by DisBack: stage 1 records the path toward its
+    samples, stage 2 starts from it, and the export samples with the original README's snippet."""
+    from safetensors.torch import load_file
+
+    from disback.storage.models import load_model
+
+    pipeline = build_pipeline(tmp_path, xl)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    lora = ["--set", "network.lora_rank=4"] if xl else []
+    common = ["-m", "disback", "text", "--pretrained", str(pipeline), "--prompts", str(prompts), *TINY_TEXT, *lora]
+    made = subprocess.run(
+        [sys.executable, *common, "--no-backtrack", "--out", str(tmp_path / "student")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    student, _ = load_model(tmp_path / "student" / "baseline" / "generator.safetensors")
+    unet = student.denoiser.unet.state_dict()
+    if xl:
+        student.denoiser.unet.save_pretrained(tmp_path / "student-unet")
+        source, fmt, expected = tmp_path / "student-unet", "unet-folder", unet
+    else:
+        torch.save({k: v.half() for k, v in unet.items()}, tmp_path / "student_fp16.bin")
+        source, fmt, expected = (
+            tmp_path / "student_fp16.bin",
+            "state-dict",
+            {k: v.half().float() for k, v in unet.items()},
+        )
+    out = tmp_path / "refined"
+    run = subprocess.run(
+        [sys.executable, *common, "--generator", str(source), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    initial = load_file(str(out / "initial-generator.safetensors"))  # converted once, into the run folder
+    assert all(torch.equal(initial[f"denoiser.unet.{k}"], v) for k, v in expected.items())
+    manifest = json.loads((out / "path" / "manifest.json").read_text())
+    origin = manifest["config"]["initial_generator"]["origin"]
+    assert origin["format"] == fmt and origin["dtype"] == (["float32"] if xl else ["float16"])
+    assert json.loads((out / "disback" / "inputs.json").read_text())["generator_sha256"] == origin["sha256"]
+    far = json.loads((out / "start_far.json").read_text())
+    assert len(far["generator"]) == 4 and far["data"] is None and far["path_distance"] > 0
+    sample = subprocess.run(
+        [sys.executable, "-c", README_SNIPPET, str(pipeline), str(out / "pipeline" / "disback_unet_fp16.bin")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert ("StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline") in sample.stdout

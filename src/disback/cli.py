@@ -49,6 +49,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 PRETRAINED = "a diffusers UNet2DModel + scheduler (folder or hub id) to distil instead of training a teacher"
+FORMATS = (
+    "a disback model file or run folder, a diffusers pipeline or UNet folder, or a UNet state dict "
+    "(.safetensors, or .bin as DMD2 publishes it)"
+)
+
+
+def _starts(p: argparse.ArgumentParser, fake: bool = True) -> None:
+    p.add_argument(
+        "--generator", type=Path, help=f"start the generator from a one-step generator distilled before: {FORMATS}"
+    )
+    if fake:
+        p.add_argument("--fake", type=Path, help=f"start the fake score from a critic trained before: {FORMATS}")
+
+
 TEACHER_FILE = "teacher.safetensors or the folder holding it (written by `disback teacher`)"
 
 
@@ -67,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{TEACHER_FILE}, used instead of training one (a diffusers model here is the "
         "deprecated spelling of --pretrained)",
     )
+    _starts(p)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
 
     p = sub.add_parser("teacher", help="train a teacher denoiser on the data, or import a pretrained diffusers one")
@@ -77,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("degrade", help="stage 1: record the degradation path from a teacher")
     _common(p)
     p.add_argument("--teacher", required=True, help=TEACHER_FILE)
+    _starts(p, fake=False)
     p.add_argument("--out", required=True, help="folder for manifest.json and the node files")
 
     for name, text in (
@@ -88,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--teacher", required=True, help=TEACHER_FILE)
         if name == "backtrack":
             p.add_argument("--path", required=True, help="a degradation path folder (from `disback degrade`)")
+        _starts(p)
         p.add_argument("--out", required=True)
 
     p = sub.add_parser(
@@ -103,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--real", help='real images for dmd2\'s GAN term: a .jsonl file with "image" and "prompt" fields')
     p.add_argument("--no-backtrack", dest="backtrack", action="store_false", help="plain distillation (the baseline)")
+    _starts(p)
     p.add_argument("--out", required=True, help="run folder: teacher/, path/, disback/ (or baseline/), pipeline/")
 
     p = sub.add_parser("sample", help="draw samples from a teacher (Heun) or a generator (one step)")
@@ -201,7 +219,7 @@ def run(argv: list[str] | None = None) -> int:
         teacher = _demo_teacher(args)
         cfg = _config(args, data_default=teacher_meta(teacher).data if teacher else None)
         settled()
-        run_demo(cfg, Path(args.out), show, resume, teacher)
+        run_demo(cfg, Path(args.out), show, resume, teacher, args.generator, args.fake)
         if is_writer():  # the summary it reads is the main process's
             print(write_report(Path(args.out)))
             print(f"\nreport: {Path(args.out) / 'report.md'}")
@@ -220,7 +238,7 @@ def run(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         teacher_meta(Path(args.teacher))  # a missing or wrong teacher fails before --overwrite deletes anything
         settled()
-        path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume)
+        path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume, generator=args.generator)
         say(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
     elif args.command in ("backtrack", "distill"):
         from disback import stages
@@ -231,7 +249,10 @@ def run(argv: list[str] | None = None) -> int:
         cfg = _config(args, data_default=teacher_meta(teacher_file).data)
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
         settled()
-        result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, path, Path(args.out), show, resume)
+        data = load_data(cfg.data, cfg.seed)
+        result = stages.distill(
+            cfg, data, teacher_file, path, Path(args.out), show, resume, generator=args.generator, fake=args.fake
+        )
         final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
         say(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
     elif args.command == "text":
@@ -248,6 +269,8 @@ def run(argv: list[str] | None = None) -> int:
             resume,
             args.backtrack,
             Path(args.real) if args.real else None,
+            generator=args.generator,
+            fake=args.fake,
         )
         say(f"one-step pipeline: {out}\n  " + sample_command(out, cfg.text.timestep).replace("; ", "\n  "))
     elif args.command == "sample":

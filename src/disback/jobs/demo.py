@@ -11,6 +11,7 @@ import numpy as np
 from disback import stages
 from disback.config import Config
 from disback.data import load_data
+from disback.distributed import wait
 from disback.engine.log import read_metrics
 from disback.errors import DisbackError
 from disback.jobs.summary import Budgets, RunSummary, Summary
@@ -35,11 +36,19 @@ def prepare_out(cfg: Config, out: Path, resume: bool) -> None:
 
 
 def run_demo(
-    cfg: Config, out: Path, show_progress: bool = True, resume: bool = False, teacher: Path | None = None
+    cfg: Config,
+    out: Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    teacher: Path | None = None,
+    generator: Path | None = None,
+    fake: Path | None = None,
 ) -> Summary:
     """The main job. ``teacher``: a teacher file made before (else one is trained, or imported with
-    teacher.pretrained). With ``resume``, finished stages are read back and an interrupted one continues from its
-    latest checkpoint, so a killed demo rerun with --resume ends as an uninterrupted one would have."""
+    teacher.pretrained). ``generator``, ``fake``: a one-step generator and a fake score distilled before, which both
+    runs start from (converted once into ``out``; disback.storage.external lists the formats). With ``resume``,
+    finished stages are read back and an interrupted one continues from its latest checkpoint, so a killed demo
+    rerun with --resume ends as an uninterrupted one would have."""
     begun = time.perf_counter()
     out = Path(out)
     sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is trained
@@ -52,15 +61,32 @@ def run_demo(
     else:
         teacher_file = stages.train_teacher(cfg, data, out / "teacher", show_progress, resume)
     teacher_value = measure(np.load(out / "teacher" / "samples.npy"))
+    starts = {
+        role: stages.convert_start(cfg, teacher_file, source, role, out)
+        for role, source in (("generator", generator), ("denoiser", fake))
+        if source is not None
+    }
+    wait()  # the main process has written them before any process reads them
 
-    path = stages.record_path(cfg, teacher_file, out / "path", show_progress, resume)
+    path = stages.record_path(cfg, teacher_file, out / "path", show_progress, resume, generator=starts.get("generator"))
+    start_far = stages.start_far(cfg, data, teacher_file, path)  # before stage 2: how far the generator starts
     stage1 = {
         "stage1_steps": path.nodes[-1].step,  # training and probes, not evaluation
         "stage1_wall_s": round(read_metrics(out / "path" / "metrics.jsonl")[-1]["wall_s"], 3),
     }
     runs = {}
     for name, run_path in (("disback", path), ("baseline", None)):
-        result = stages.distill(cfg, data, teacher_file, run_path, out / name, show_progress, resume)
+        result = stages.distill(
+            cfg,
+            data,
+            teacher_file,
+            run_path,
+            out / name,
+            show_progress,
+            resume,
+            generator=starts.get("generator"),
+            fake=starts.get("denoiser"),
+        )
         runs[name] = RunSummary.from_records(
             result["records"], result["switches"], result["nodes"], **(stage1 if name == "disback" else {})
         )
@@ -70,16 +96,24 @@ def run_demo(
         seed=cfg.seed,
         teacher=teacher_value,
         initial_generator={k: v for k, v in runs["baseline"].curve[0].items() if k in teacher_value},
-        budgets=budgets(cfg, teacher, stage1["stage1_steps"], len(path)),
+        budgets=budgets(cfg, teacher, stage1["stage1_steps"], len(path), generator, fake),
         runs=runs,
         features={k: v for k, v in measure.info.items() if k != "file"} if data.kind == "images" else None,
+        start_far=start_far,
     ).with_speedups(cfg.eval.threshold_factor)
     summary.elapsed_s = round(time.perf_counter() - begun, 1)
     summary.write(out)
     return summary
 
 
-def budgets(cfg: Config, teacher: Path | None, stage1_steps: int, nodes: int) -> Budgets:
+def budgets(
+    cfg: Config,
+    teacher: Path | None,
+    stage1_steps: int,
+    nodes: int,
+    generator: Path | None = None,
+    fake: Path | None = None,
+) -> Budgets:
     d = cfg.distill
     if teacher is not None:
         made, steps = f"the teacher file {teacher}", 0
@@ -103,4 +137,6 @@ def budgets(cfg: Config, teacher: Path | None, stage1_steps: int, nodes: int) ->
         batch=d.batch,
         eval_every=cfg.eval.every,
         eval_samples=cfg.data.n_eval,
+        initial_generator=None if generator is None else str(generator),
+        initial_fake=None if fake is None else str(fake),
     )

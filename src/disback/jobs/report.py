@@ -187,6 +187,32 @@ MEASURES_TEXT = {
 }
 
 
+def start_far_text(summary: Summary) -> str:
+    """The start-far diagnostic as a table: the teacher's denoising loss on the initial generator's samples against its
+    loss on data, per band of noise levels, and the path's total distance."""
+    d = summary.start_far
+    if not d:
+        return "Not measured for this run."
+    lines = ["| noise levels σ | teacher's loss on generator samples | on data | ratio |", "|---|---|---|---|"]
+    for k, (low, high) in enumerate(d["bands"]):
+        on_data = d["data"][k] if d.get("data") else None
+        ratio = d["ratio"][k] if d.get("ratio") else None
+        lines.append(
+            f"| {low:.3g} to {high:.3g} | {_fmt(d['generator'][k])} | {_fmt(on_data) if on_data is not None else 'n/a'} "
+            f"| {_fmt(ratio, 3) if ratio is not None else 'n/a'} |"
+        )
+    distance = d.get("path_distance")
+    sp = summary.speedup
+    tail = (
+        f"The degradation path's total distance from the teacher: {_fmt(distance)}."
+        if distance is not None
+        else "No degradation path was recorded."
+    )
+    if sp is not None and sp.speedup_wall_with_stage1 is not None:
+        tail += f" DisBack's speed-up at this start (wall time, stage 1 counted): {sp.speedup_wall_with_stage1:.2f}x."
+    return "\n".join(lines) + "\n\n" + tail
+
+
 def schedule_text(b: Budgets) -> str:
     kind = b.target_schedule
     if kind == "fixed":
@@ -220,14 +246,31 @@ Generator iterations to other thresholds ({summary.measure} at most k x the teac
 
 ![samples](samples.png)
 
+## How far the generator starts from the teacher
+
+Measured before training, the "score mismatch" that backtracking is meant to cure: the teacher's denoising loss on the
+initial generator's samples over its loss on data. A ratio of 1 means the teacher sees them as it sees data; above 1
+it denoises them worse, below 1 better (samples collapsed where its density is high).
+
+{start_far_text(summary)}
+
 ## What ran
 - **Teacher**: {b.teacher}, {b.teacher_steps} training steps; sampled with the EDM Heun sampler.
+- **Initial generator**: {b.initial_generator or "a copy of the teacher"}; **initial fake score**: {
+        b.initial_fake or "the path's last node (DisBack), the teacher (baseline)"
+    }.
 - **Stage 1, Degradation Recording**: a copy of the teacher fine-tuned for {b.stage1_steps} steps on samples of the
   frozen initial generator, saving {b.nodes} nodes (node 0 = teacher) to `path/`, placed by {b.node_spacing}.
-- **Stage 2, Distribution Backtracking** (`disback/`): fake score starts at the last node; {schedule_text(b)}.
-- **Baseline** (`baseline/`): the same loop with the teacher as the only node (fake score starts at the teacher).
+- **Stage 2, Distribution Backtracking** (`disback/`): fake score starts {
+        "from the given critic" if b.initial_fake else "at the last node"
+    }; {schedule_text(b)}.
+- **Baseline** (`baseline/`): the same loop with the teacher as the only node (fake score starts {
+        "from the given critic" if b.initial_fake else "at the teacher"
+    }).
 - Both: {b.generator_steps} generator steps, batch {b.batch}, {b.fake_updates_per_generator_step} fake-score
-  update(s) per generator step{REUSED if b.reuse_samples else ""}, generator loss `{b.method}`, same seeds; evaluated every {b.eval_every}
+  update(s) per generator step{REUSED if b.reuse_samples else ""}, generator loss `{
+        b.method
+    }`, same seeds; evaluated every {b.eval_every}
   iterations on {b.eval_samples} samples from fixed noise.
 
 ## Measures

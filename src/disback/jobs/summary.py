@@ -54,6 +54,8 @@ class Budgets:
     batch: int
     eval_every: int
     eval_samples: int
+    initial_generator: str | None = None  # --generator: where the generator came from (None: the teacher's copy)
+    initial_fake: str | None = None  # --fake: where the fake score came from (None: the path's last node / teacher)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Summary:
     speedup_by_factor: dict[str, Speedup] = field(default_factory=dict)  # at each of FACTORS
     elapsed_s: float = 0.0  # the whole job: teacher, both runs, evaluations
     features: dict[str, Any] | None = None  # images: the feature network of the Fréchet distance
+    start_far: dict[str, Any] | None = None  # how far the generator starts from the teacher (stages.start_far)
 
     def with_speedups(self, factor: float) -> "Summary":
         """This summary with its speed-ups computed at ``factor`` and at each of FACTORS."""

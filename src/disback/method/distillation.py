@@ -52,6 +52,7 @@ class Distillation:
 
     The fake score D_phi starts at the path's last node (the teacher for the baseline); the target starts at the
     schedule's first node and is reloaded from its node file (sha256 and keys checked) every time the schedule moves.
+    With ``fake_from_path=False`` the fake score starts as it is given (a critic trained before).
     ``real`` draws data for dmd2's GAN term. ``self.generator``, ``self.fake`` and ``self.head`` are the networks;
     ``self.wrapped`` holds them as trained. The generator step runs the frozen fake score and head unwrapped, since
     DDP expects gradients for every parameter of a wrapped network that runs with gradients enabled.
@@ -73,6 +74,7 @@ class Distillation:
         num_classes: int = 0,
         real: Source | None = None,
         fsdp: bool = False,
+        fake_from_path: bool = True,
     ):
         self.stage, self.cfg, self.edm, self.shape, self.accelerator = stage, cfg, edm, tuple(shape), accelerator
         self.num_classes, self.method, self.real = num_classes, METHODS[cfg.method], real
@@ -81,7 +83,8 @@ class Distillation:
             raise ValueError(f"method '{cfg.method}' needs real data for its GAN term")
         self.path, self.schedule, self.nodes = path, schedule, NodeReader(path)
         if len(path) > 1:  # a one-node path is the teacher, which fake and target already are (copies or views of it)
-            self.nodes.load(path.last, fake)
+            if fake_from_path:  # else the caller has loaded the fake score it starts from (--fake)
+                self.nodes.load(path.last, fake)
             self.nodes.load(schedule.current, target)
             self.nodes.prefetch(schedule.upcoming)
         device = accelerator.device

@@ -50,6 +50,18 @@ class DegradationPath:
     def last(self) -> int:
         return self.nodes[-1].index
 
+    @property
+    def initial_generator(self) -> Path | None:
+        """The generator the path was recorded toward, when it was not the teacher's copy (``--generator``)."""
+        recorded = self.config.get("initial_generator")
+        return None if recorded is None else self.root / recorded["file"]
+
+    @property
+    def initial_generator_sha256(self) -> str | None:
+        """The sha256 of the weights the initial generator came from (None: the teacher's copy)."""
+        recorded = self.config.get("initial_generator")
+        return None if recorded is None else recorded["origin"]["sha256"]
+
     # -------------------------------------------------------------- writing
 
     @classmethod

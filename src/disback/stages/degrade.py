@@ -21,6 +21,7 @@ from disback.method.recording import DistanceProbe, DistanceRecorder, StepRecord
 from disback.method.score_fitting import ScoreFitting
 from disback.stages.common import load_teacher, loop_options, resolve_teacher
 from disback.stages.runtime import accelerator, sharded, speed_up
+from disback.stages.starts import keep_start, start_from
 from disback.storage.files import sha256_file
 from disback.storage.models import generator_from_teacher
 from disback.storage.runfolder import begin_stage
@@ -33,24 +34,29 @@ def record_path(
     show_progress: bool = True,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    generator: Path | None = None,
 ) -> DegradationPath:
     """Degradation Recording: fine-tune a copy of the teacher on samples of the frozen initial generator, saving
-    nodes as ``degrade.spacing`` places them. With ``resume``, continue an interrupted recording from its latest
-    checkpoint (a complete path is returned as it is). ``callbacks`` join the loop's, after the recorder."""
+    nodes as ``degrade.spacing`` places them. The initial generator is the teacher's copy, or ``generator``: a
+    one-step generator distilled before (disback.storage.external lists the formats), which the path then records
+    and stage 2 starts from. With ``resume``, continue an interrupted recording from its latest checkpoint (a complete
+    path is returned as it is). ``callbacks`` join the loop's, after the recorder."""
     out = Path(out)
     teacher_file = resolve_teacher(teacher_file)
     acc = accelerator(cfg.run.precision)
     fsdp = sharded(cfg, acc)  # a launch that cannot shard fails before anything is written
     teacher_sha = sha256_file(teacher_file)
-    begin_stage(cfg, out, resume, {"teacher_sha256": teacher_sha})
+    teacher, meta = load_teacher(teacher_file)
+    generator0 = generator_from_teacher(teacher, meta, cfg.distill.sigma_g).requires_grad_(False)
+    start = start_from(generator0, generator, "generator", meta, cfg)  # checked before anything is written
+    inputs = {"teacher_sha256": teacher_sha, **({"generator_sha256": start.meta.origin["sha256"]} if start else {})}
+    begin_stage(cfg, out, resume, inputs)
     if resume and (out / MANIFEST).is_file():
         existing = DegradationPath.load(out)
         if existing.complete:
             return existing
     set_seed(cfg.seed + 1)
-    teacher, meta = load_teacher(teacher_file)
-    teacher = teacher.to(acc.device)
-    generator0 = generator_from_teacher(teacher, meta, cfg.distill.sigma_g).requires_grad_(False)
+    teacher, generator0 = teacher.to(acc.device), generator0.to(acc.device)
     shape, classes = tuple(meta.shape), meta.num_classes
 
     def source(n: int, share: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,7 +68,12 @@ def record_path(
         with torch.no_grad():
             return generator0(z, labels), labels
 
-    config = {**cfg.to_dict(), "teacher_file": str(teacher_file), "teacher_sha256": teacher_sha}
+    config = {
+        **cfg.to_dict(),
+        "teacher_file": str(teacher_file),
+        "teacher_sha256": teacher_sha,
+        "initial_generator": keep_start(generator0, start, out),
+    }
     path = DegradationPath.create(out, config, replace=resume)
     probe = DistanceProbe(teacher, *source(cfg.degrade.batch, share=False), cfg.edm, seed=cfg.seed)
     # psi starts at theta: a copy of the teacher, or zero LoRA adapters on it (network.lora_rank)

@@ -33,6 +33,8 @@ from disback.stages.common import (
     resolve_teacher,
 )
 from disback.stages.runtime import accelerator, sharded, speed_up
+from disback.stages.starts import StartPoint, keep_start, start_from
+from disback.storage.external import load_start, read_start
 from disback.storage.files import save_array, sha256_file, write_json
 from disback.storage.kinds import kind_of
 from disback.storage.models import generator_from_teacher, save_model
@@ -51,10 +53,16 @@ def distill(
     show_progress: bool = True,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    generator: Path | None = None,
+    fake: Path | None = None,
 ) -> dict[str, Any]:
     """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node).
-    With ``resume``, continue from the folder's latest checkpoint (a finished run is read back as it is).
-    ``callbacks`` join the loop's. Returns the result (switches, nodes) and the metrics records."""
+
+    The generator starts as the teacher's copy, or from ``generator`` (a one-step generator distilled before; over a
+    path recorded toward one, that one, which is the default). The fake score starts at the path's last node (the
+    teacher for the baseline), or from ``fake``. disback.storage.external lists the formats of both. With
+    ``resume``, continue from the folder's latest checkpoint (a finished run is read back as it is). ``callbacks`` join
+    the loop's. Returns the result (switches, nodes) and the metrics records."""
     out = Path(out)
     teacher_file = resolve_teacher(teacher_file)
     acc = accelerator(cfg.run.precision)
@@ -64,19 +72,39 @@ def distill(
     if path is None:
         path = DegradationPath.teacher_only(teacher_file, teacher_sha)
     check_lora_matches(cfg, path)
-    begin_stage(cfg, out, resume, {"teacher_sha256": teacher_sha, "nodes_sha256": [n.sha256 for n in path.nodes]})
-    if resume and (out / RESULT).is_file():
-        return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
+    generator = generator if generator is not None else path.initial_generator
+    # Every check of what the run starts from comes before anything is written.
     teacher, meta = load_teacher(teacher_file)
     check_data_matches(data, meta, teacher_file)
+    net = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
+    start = start_from(net, generator, "generator", meta, cfg)
+    check_path_start(path, start)
+    fake_start = read_start(fake, "denoiser") if fake is not None else None
+    inputs = {"teacher_sha256": teacher_sha, "nodes_sha256": [n.sha256 for n in path.nodes]}
+    inputs.update({"generator_sha256": start.meta.origin["sha256"]} if start else {})
+    inputs.update({"fake_sha256": fake_start.origin["sha256"]} if fake_start else {})
+    begin_stage(cfg, out, resume, inputs)
+    if resume and (out / RESULT).is_file():
+        return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
+    keep_start(net, start, out)
     measure = metrics_for(cfg, data)  # before the seed: a feature network trained now must not shift the run's RNG
     set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
-    generator = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
+    generator = net
     # every node's sha256, keys and shapes, before any training (the baseline's one node is the teacher's full file)
     path.verify(scratch(teacher, cfg.network.lora_rank if len(path) > 1 else 0))
     # With LoRA the target's base is the teacher shared with the fake score: under bf16 it is cast once, on purpose
     # (a frozen base in bf16, the adapters trained in fp32), in Distillation.
     fake, target = fake_and_target(teacher, cfg.network.lora_rank, len(path))
+    if fake_start is not None:
+        rank = cfg.network.lora_rank
+        keep_start(
+            fake,
+            StartPoint(
+                load_start(fake, fake_start, meta, sigma_g=cfg.distill.sigma_g, lora_rank=rank),
+                fake_start.file if fake_start.fmt == "disback" else None,
+            ),
+            out,
+        )
     target = kind_of(meta).target(target, cfg)  # e.g. classifier-free guidance on a text target (the target only)
     speed_up(cfg.run, generator, fake, target)
     d = cfg.distill
@@ -100,6 +128,7 @@ def distill(
         num_classes=meta.num_classes,
         real=real,
         fsdp=fsdp,
+        fake_from_path=fake_start is None,
     )
     z, labels = eval_noise(cfg, data.shape, meta.num_classes, acc.device)
 
@@ -123,6 +152,20 @@ def distill(
     write_json(out / RESULT, result)  # last: its presence marks the run as finished
     wait()
     return {**result, "records": records}
+
+
+def check_path_start(path: DegradationPath, start: StartPoint | None) -> None:
+    """Backtracking starts from the generator the path was recorded toward: the teacher's copy, or a distilled one."""
+    if len(path) == 1:
+        return
+    given = start.meta.origin["sha256"] if start else None
+    if given != path.initial_generator_sha256:
+        recorded = "the teacher's copy" if path.initial_generator is None else f"the generator {path.initial_generator}"
+        now = "the teacher's copy" if start is None else f"the generator from {start.meta.origin['source']}"
+        raise DisbackError(
+            f"the path {path.root} was recorded toward {recorded}, and this run starts from {now}; give "
+            "that generator (or none), or record the path from this one (disback degrade --generator ...)"
+        )
 
 
 def check_lora_matches(cfg: Config, path: DegradationPath) -> None:

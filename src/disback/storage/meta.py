@@ -29,6 +29,7 @@ class ModelMeta:
     node: int | None = None  # path nodes: the node's index and the stage-1 step it was saved at
     step: int | None = None
     adapter_rank: int = 0  # > 0: the file holds only LoRA adapters of this rank (on its teacher), not a whole network
+    origin: dict[str, Any] | None = None  # a network imported to start from: its source, format, weights' sha256
 
     def header(self) -> dict[str, Any]:
         return {"format": FORMAT, **dataclasses.asdict(self)}

@@ -15,6 +15,7 @@ from disback.distributed import is_writer, wait
 from disback.errors import DisbackError
 from disback.stages.common import TEACHER
 from disback.stages.runtime import accelerator, sharded
+from disback.storage.files import write_json
 from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.runfolder import begin_stage
 from disback.text.captions import read_captions
@@ -52,16 +53,19 @@ def run_text(
     resume: bool = False,
     backtrack: bool = True,
     real_file: Path | None = None,
+    generator: Path | None = None,
+    fake: Path | None = None,
 ) -> Path:
     """Import the teacher and encode the prompts (and the real images, if given), record the degradation path (unless
     ``backtrack`` is False: the baseline), distill over it, and export the pipeline; each part in its own folder
-    under ``out``."""
+    under ``out``. ``generator`` and ``fake``: a one-step generator (e.g. DMD2's UNet state dict) and a fake score
+    distilled before to start from (the original DisBack's recipe), converted once into ``out``."""
+    sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is imported
     if METHODS[cfg.distill.method].gan and real_file is None:
         raise DisbackError(
             f"method {cfg.distill.method} needs real images for its GAN term: give --real captions.jsonl "
             '(lines {"image": ..., "prompt": ...}), or use --method dmd, vsd or sid'
         )
-    sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is imported
     out = Path(out)
     real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
     begin_stage(
@@ -72,9 +76,31 @@ def run_text(
         import_text_teacher(pipeline, prompts_file, cfg.text.timestep, out / "teacher", real_file)
     wait()
     meta = read_meta(teacher_file)
-    path = stages.record_path(cfg, teacher_file, out / "path", show_progress, resume) if backtrack else None
+    data = latent_data(meta, teacher_file.parent)
+    starts = {
+        role: stages.convert_start(cfg, teacher_file, source, role, out)
+        for role, source in (("generator", generator), ("denoiser", fake))
+        if source is not None
+    }
+    wait()
+    path = (
+        stages.record_path(cfg, teacher_file, out / "path", show_progress, resume, generator=starts.get("generator"))
+        if backtrack
+        else None
+    )
+    write_json(out / "start_far.json", stages.start_far(cfg, data, teacher_file, path, starts.get("generator")))
     run = out / ("disback" if backtrack else "baseline")
-    stages.distill(cfg, latent_data(meta, teacher_file.parent), teacher_file, path, run, show_progress, resume)
+    stages.distill(
+        cfg,
+        data,
+        teacher_file,
+        path,
+        run,
+        show_progress,
+        resume,
+        generator=starts.get("generator"),
+        fake=starts.get("denoiser"),
+    )
     if is_writer():
         export_text(run / "generator.safetensors", out / "pipeline")
     wait()

@@ -18,6 +18,8 @@ from disback.text.captions import REAL, encode_images, read_captions
 from disback.text.networks import TextDenoiser
 from disback.text.prompts import PROMPTS, Prompts, encode_prompts, load_component, read_prompts
 
+UNET_BIN = "disback_unet_fp16.bin"  # the distilled UNet as a state dict, beside the exported pipeline
+
 
 def import_text_teacher(
     pipeline: str, prompts_file: Path, timestep: int, out: Path, real_file: Path | None = None
@@ -102,7 +104,8 @@ def sample_command(folder: Path | str, timestep: int) -> str:
 def export_text(generator_file: Path, out: Path) -> Path:
     """A folder that diffusers loads as the teacher's own pipeline class (StableDiffusionPipeline or
     StableDiffusionXLPipeline) with the distilled UNet and an LCMScheduler, sampled as the original DisBack README does:
-    ``pipe(prompt, num_inference_steps=1, guidance_scale=0, timesteps=[399])``."""
+    ``pipe(prompt, num_inference_steps=1, guidance_scale=0, timesteps=[399])``; beside it the UNet's state dict in fp16
+    (``disback_unet_fp16.bin``), which the original README's snippet loads into the base pipeline."""
     from diffusers import DiffusionPipeline, LCMScheduler
 
     meta = read_meta(generator_file)
@@ -123,6 +126,8 @@ def export_text(generator_file: Path, out: Path) -> Path:
 
     def fill(folder: Path) -> None:
         pipe.save_pretrained(folder)
+        # the UNet alone as a state dict in fp16 too, as DMD2 and the original DisBack release publish theirs
+        torch.save({k: v.half() for k, v in pipe.unet.state_dict().items()}, folder / UNET_BIN)
         snippet = sample_command(out, meta.spec["timestep"]).replace("; ", "\n")
         (folder / "DISBACK.md").write_text(
             f"One-step generator distilled by disback from {meta.source}.\n\n"

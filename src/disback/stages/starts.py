@@ -1,0 +1,104 @@
+"""What a run starts from: a one-step generator or a fake score distilled before (``--generator``, ``--fake``),
+checked against the teacher and converted once into the run's folder; and how far that generator starts from the
+teacher, measured before training (disback.method.mismatch)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from disback.config import Config
+from disback.data import Data
+from disback.method.mismatch import score_mismatch
+from disback.method.path import DegradationPath
+from disback.stages.common import check_data_matches, eval_noise, in_batches, load_teacher
+from disback.stages.runtime import accelerator
+from disback.storage.external import load_start, read_start
+from disback.storage.meta import ModelMeta
+from disback.storage.models import generator_from_teacher, save_model
+
+INITIAL = {"generator": "initial-generator.safetensors", "denoiser": "initial-fake.safetensors"}  # in a run folder
+
+
+@dataclass
+class StartPoint:
+    """A network a run starts from (``--generator``, ``--fake``), loaded into one of ours."""
+
+    meta: ModelMeta  # its description, origin included
+    in_place: Path | None  # a disback model file, used where it is; None: converted into the run folder
+
+
+def start_from(
+    network: torch.nn.Module, source: Path | None, role: str, teacher: ModelMeta, cfg: Config
+) -> StartPoint | None:
+    """Load a network to start from (``--generator``: role "generator"; ``--fake``: "denoiser") into ``network``, one
+    of ours built on the teacher, after checking that it fits the teacher and the run's settings."""
+    if source is None:
+        return None
+    start = read_start(source, role)
+    rank = cfg.network.lora_rank if role == "denoiser" else 0
+    meta = load_start(network, start, teacher, sigma_g=cfg.distill.sigma_g, lora_rank=rank)
+    return StartPoint(meta, start.file if start.fmt == "disback" else None)
+
+
+def keep_start(network: torch.nn.Module, start: StartPoint | None, out: Path) -> dict[str, Any] | None:
+    """Where a run's start network lies: converted once into ``out`` (safetensors, its origin and sha256 in the
+    header), or used where it is when it is a disback file already. None when the run starts from the teacher."""
+    if start is None:
+        return None
+    if start.in_place is not None:
+        return {"file": str(start.in_place.resolve()), "origin": start.meta.origin}
+    name = INITIAL[start.meta.role]
+    save_model(network, Path(out) / name, start.meta)
+    return {"file": name, "origin": start.meta.origin}
+
+
+def convert_start(cfg: Config, teacher_file: Path, source: Path, role: str, out: Path) -> Path:
+    """A network to start from as a disback model file: converted once into ``out`` (for a job whose stages all start
+    from it), or the disback file given, which the stages check when they load it."""
+    start = read_start(source, role)
+    if start.fmt == "disback":
+        return start.file
+    teacher, meta = load_teacher(teacher_file)
+    network = (
+        generator_from_teacher(teacher, meta, cfg.distill.sigma_g) if role == "generator" else copy.deepcopy(teacher)
+    )
+    rank = cfg.network.lora_rank if role == "denoiser" else 0
+    save_model(
+        network,
+        Path(out) / INITIAL[role],
+        load_start(network, start, meta, sigma_g=cfg.distill.sigma_g, lora_rank=rank),
+    )
+    return Path(out) / INITIAL[role]
+
+
+def start_far(
+    cfg: Config, data: Data, teacher_file: Path, path: DegradationPath | None, generator: Path | None = None
+) -> dict[str, Any]:
+    """How far the initial generator (the teacher's copy, ``generator``, or the one ``path`` was recorded toward)
+    starts from the teacher: the teacher's denoising loss on its samples against its loss on data, per band of noise
+    levels, and the degradation path's total distance."""
+    device = accelerator(cfg.run.precision).device
+    teacher, meta = load_teacher(teacher_file)
+    check_data_matches(data, meta, teacher_file)
+    network = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
+    start_from(network, generator or (path.initial_generator if path is not None else None), "generator", meta, cfg)
+    teacher, network = teacher.to(device), network.to(device).eval()
+    z, labels = eval_noise(cfg, data.shape, meta.num_classes, device)
+    generated = in_batches(network, z, labels)
+    real = real_labels = None
+    if data.kind != "latents" or data.labels is not None:  # text runs have data only with --real
+        pick = np.random.default_rng(cfg.seed).permutation(len(data.train))[: cfg.data.n_eval]
+        real = data.to_model(data.train[pick]).to(device)
+        if meta.num_classes and data.labels is not None:
+            real_labels = torch.as_tensor(data.labels[pick], dtype=torch.long, device=device)
+    out = score_mismatch(
+        teacher, generated, real, cfg.edm, generated_labels=labels, data_labels=real_labels, seed=cfg.seed
+    )
+    out["path_distance"] = path.nodes[-1].distance if path is not None and len(path) > 1 else None
+    return out
