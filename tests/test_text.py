@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,36 @@ def tokenizer_files(folder: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_clip(root: Path) -> Path:
+    """A tiny CLIPModel and CLIPProcessor built from a config and saved, as a CLIP model folder is laid out."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer_files(root / "clip-tok")
+    tokenizer = CLIPTokenizer(
+        str(root / "clip-tok" / "vocab.json"), str(root / "clip-tok" / "merges.txt"), model_max_length=77
+    )
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(root / "clip")
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root / "clip")
+    return root / "clip"
 
 
 def build_pipeline(root: Path, xl: bool) -> Path:
@@ -180,24 +211,12 @@ def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffu
     prompts = tmp_path / ("prompts.jsonl" if xl else "prompts.txt")
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) if xl else "\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "run"
-    lora = (
-        ["--set", "network.lora_rank=4"] if xl else []
-    )  # SDXL as docs/text-to-image.md runs it: LoRA fake score and nodes
+    # SDXL as docs/text-to-image.md runs it: LoRA fake score and nodes
+    lora = ["--set", "network.lora_rank=4"] if xl else []
+    clip = build_clip(tmp_path)  # a CLIP score at every evaluation: text runs get curves like the other tracks
+    command = ["-m", "disback", "text", "--pretrained", str(pipeline), "--prompts", str(prompts), "--out", str(out)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "disback",
-            "text",
-            "--pretrained",
-            str(pipeline),
-            "--prompts",
-            str(prompts),
-            "--out",
-            str(out),
-            *TINY_TEXT,
-            *lora,
-        ],
+        [sys.executable, *command, *TINY_TEXT, *lora, "--set", f"eval.clip={clip}"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -234,6 +253,34 @@ def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffu
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
         assert "DiffusionPipeline.from_pretrained" in err and "timesteps=[399]" in err
     assert not (tmp_path / "x.npy").exists()
+    # the in-loop CLIP score: a curve and a report
+    assert all(np.isfinite(r["clip_score"]) for r in records) and len(records) == 3
+    assert (out / "curves.png").stat().st_size > 0 and "CLIP score" in (out / "report.md").read_text()
+    # `disback eval` on the exported pipeline: a CLIP score of its images against the prompts
+    assert main(["eval", str(out / "pipeline"), "--n", "6", "--batch", "3", "--quiet", "--clip", str(clip)]) == 2
+    assert "give --prompts" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "pipeline"),
+                "--n",
+                "6",
+                "--batch",
+                "3",
+                "--quiet",
+                "--prompts",
+                str(prompts),
+                "--clip",
+                str(clip),
+            ]
+        )
+        == 0
+    )
+    record = json.loads((out / "pipeline" / "eval.json").read_text())
+    assert record["measure"] == "clip_score" and record["n"] == 6 and np.isfinite(record["value"])
+    assert record["network"]["sha256"] and record["network"]["model"] == str(clip)
+    capsys.readouterr()
     # `disback export` writes a text generator's pipeline as the text plugin does
     assert main(["export", str(out / "disback"), "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "model_index.json").read_text())["scheduler"][1] == "LCMScheduler"

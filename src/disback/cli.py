@@ -135,6 +135,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a demo folder, a distillation run folder, or a generator.safetensors")
     p.add_argument("--out", required=True, help="the pipeline folder to create")
 
+    p = sub.add_parser(
+        "eval",
+        help="measure a generator as the field does: FID (Inception or the offline classifier), "
+        "CLIP score for text, SWD for points; writes eval.json",
+    )
+    p.add_argument(
+        "target", type=Path, help="a run or demo folder, a generator.safetensors, or an exported pipeline folder"
+    )
+    p.add_argument(
+        "--n", type=int, default=50_000, help="samples (default 50,000 as the papers use; 10,000 for quick checks)"
+    )
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ref",
+        type=Path,
+        help="reference statistics: an .npz of mu/sigma (as EDM's fid.py ref writes it), or a "
+        "folder / .npz of images whose statistics are computed once and cached (default: the run's held-out data)",
+    )
+    p.add_argument(
+        "--features",
+        default="classifier",
+        help="classifier (offline, trained on the run's data: not Inception "
+        "FID), inception=FILE or URL (StyleGAN2-ADA's inception-2015-12-05.pt: Inception FID), or module:function",
+    )
+    p.add_argument("--prompts", type=Path, help="text pipelines: a .txt (one prompt per line) or .jsonl file")
+    p.add_argument(
+        "--clip", help="text pipelines: a CLIP model for the CLIP score (folder, hub id, or open_clip:ARCH/PRETRAINED)"
+    )
+    p.add_argument("--out", type=Path, help="where eval.json goes (default: in the target's folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("report", help="rewrite report.md and the plots of a demo folder")
     p.add_argument("run", help="a folder written by `disback demo`")
 
@@ -284,6 +316,22 @@ def run(argv: list[str] | None = None) -> int:
         out = export(Path(args.run), Path(args.out))
         custom = f", custom_pipeline='{out}', trust_remote_code=True" if (out / "pipeline.py").is_file() else ""
         say(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}'{custom}))")
+    elif args.command == "eval":
+        from disback.jobs.evaluate import evaluate, line
+
+        record = evaluate(
+            args.target,
+            n=args.n,
+            batch=args.batch,
+            seed=args.seed,
+            ref=args.ref,
+            features=args.features,
+            prompts=args.prompts,
+            clip=args.clip,
+            out=args.out,
+            show_progress=show,
+        )
+        say(line(record))
     elif args.command == "report":
         from disback.jobs.report import write_report
 

@@ -5,8 +5,19 @@ with too few processes)."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 
-from disback.config.choices import METHODS, NETWORKS, ON_NONFINITE, PRECISIONS, SCHEDULES, SPACINGS, described
+from disback.config.choices import (
+    METHODS,
+    NETWORKS,
+    ON_NONFINITE,
+    PRECISIONS,
+    SCHEDULES,
+    SPACINGS,
+    TRACKER_PACKAGES,
+    TRACKERS,
+    described,
+)
 from disback.config.schema import Config
 from disback.errors import DisbackError
 
@@ -28,6 +39,7 @@ _CHOICES = {
     "distill.method": METHODS,
     "run.on_nonfinite": ON_NONFINITE,
     "run.precision": PRECISIONS,
+    "run.log_with": TRACKERS,
 }
 
 
@@ -41,6 +53,7 @@ def validate(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section), key)
             if not value > 0:
                 raise DisbackError(f"'{section}.{key}' must be positive, got {value}; e.g. --set {section}.{key}=...")
+    _tracker(cfg)
     _teacher_and_stage1(cfg)
     _distillation(cfg)
     _network_and_data(cfg)
@@ -53,6 +66,15 @@ def check_choice(key: str, value: str, table: dict) -> None:
         raise DisbackError(
             f"'{key}' must be one of {', '.join(table)}, got '{value}'"
             + (f"; did you mean '{hint[0]}'?" if hint else f" ({described(table)})")
+        )
+
+
+def _tracker(cfg: Config) -> None:
+    kind = cfg.run.log_with
+    if kind and not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[kind]):
+        raise DisbackError(
+            f"run.log_with={kind} needs the {TRACKER_PACKAGES[kind][0]} package: pip install "
+            f"{TRACKER_PACKAGES[kind][0]} (or leave run.log_with empty)"
         )
 
 

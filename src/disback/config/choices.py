@@ -67,6 +67,13 @@ PRECISIONS: dict[str, str] = {
     "bf16": "bf16 autocast with fp32 master weights; the frozen target held in bf16",
 }
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # any one of them will do
+TRACKERS: dict[str, str] = {
+    "": "no tracker (metrics.jsonl only)",
+    "tensorboard": "TensorBoard event files in each stage's folder (pip install tensorboard)",
+    "wandb": "Weights & Biases runs (pip install wandb)",
+}
+
 ON_NONFINITE: dict[str, str] = {
     "stop": "stop with a clear error; the last good checkpoint is kept",
     "skip": "skip the update and go on, up to run.max_skipped in a row",

@@ -94,8 +94,12 @@ class EvalConfig:
     every: int  # evaluate every this many iterations
     projections: int  # directions of the sliced Wasserstein distance
     threshold_factor: float  # "converged" = the measure at most this times the teacher's
-    features: str = "classifier"  # images: "classifier" (trained on the data, cached) or "module:function"
+    features: str = "classifier"  # images: "classifier" (trained on the data, cached; not Inception FID),
+    #                               "inception=FILE" or a URL (Inception FID, as NVlabs/edm), or "module:function"
     classifier_steps: int = 1500  # images: training steps of that classifier
+    clip: str = (
+        ""  # text: a CLIP model (folder, hub id, or open_clip:ARCH/PRETRAINED) for a CLIP score at each evaluation
+    )
 
 
 @dataclass
@@ -110,6 +114,9 @@ class RunConfig:
     gradient_checkpointing: bool = False  # UNets recompute activations in the backward pass: less memory, more time
     fsdp: bool = False  # several processes: stages 1 and 2 shard their trained networks and Adam states (FSDP2);
     #                     a teacher trained here is data parallel (docs/scaling.md)
+    log_with: str = (
+        ""  # "tensorboard" or "wandb": every logged metric to that tracker too (metrics.jsonl stays the record)
+    )
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from disback.distributed import is_writer
 from disback.storage.files import write_text
@@ -13,8 +14,8 @@ from disback.storage.files import write_text
 class MetricsLog:
     """Appends one JSON object per evaluation to ``metrics.jsonl`` (flushed at once, so a crash loses nothing)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, tracker: Any | None = None):
+        self.path, self.tracker = Path(path), tracker  # tracker: run.log_with's (engine.trackers), or None
         self.rewrite([])
 
     def rewrite(self, records: list[dict]) -> None:
@@ -28,6 +29,15 @@ class MetricsLog:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
+            self.tracker.log(numbers, step=record["iteration"])
+
+    def finish(self) -> None:
+        """The tracker's files are complete (metrics.jsonl always is)."""
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from disback.distributed import anyone, wait
 from disback.engine.checkpoint import Checkpoints, rng_state, set_rng_state
 from disback.engine.log import MetricsLog
+from disback.engine.progress import progress
 from disback.errors import DisbackError
 
 
@@ -128,7 +128,7 @@ def train_loop(
     catch = checkpoints is not None and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: term.append(signum)) if catch else None
     try:
-        bar = tqdm(range(start, steps + 1), desc=task.stage, disable=not show_progress, leave=False, dynamic_ncols=True)
+        bar = progress(range(start, steps + 1), task.stage, show_progress)
         for step in bar:
             started = time.perf_counter()
             losses = task.train_step()
@@ -141,7 +141,7 @@ def train_loop(
                     {
                         k: f"{v:.4g}"
                         for k, v in state["records"][-1].items()
-                        if k in ("swd", "fid", "loss_dsm", "loss_fake")
+                        if k in ("swd", "fid", "clip_score", "loss_dsm", "loss_fake")
                     }
                 )
             if anyone(any(stop)):  # every process ends after the same step
@@ -155,12 +155,14 @@ def train_loop(
                 )
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                 save(step)
+        if not state["records"] or state["records"][-1]["iteration"] != step:
+            record(step)
+        save(step)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if not state["records"] or state["records"][-1]["iteration"] != step:
-        record(step)
-    save(step)
+        if log is not None:
+            log.finish()  # the tracker's files are complete, however the loop ended
     return state["records"]
 
 

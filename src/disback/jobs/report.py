@@ -20,7 +20,7 @@ TITLES = {
 LOG_SCALE = ("swd", "mmd", "fid")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,12 +29,12 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
 def plot_curves(summary: Summary, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     measures = [m for m in ("swd", "mmd", "modes", "fid") if m in summary.teacher]
     fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 3.6), squeeze=False)
     for ax, m in zip(axes[0], measures):
@@ -53,7 +53,7 @@ def plot_curves(summary: Summary, path: Path) -> None:
         ax.set_title(TITLES[m])
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{summary.data}: DisBack vs baseline (faint red lines: target switches)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -81,16 +81,16 @@ def grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
 
 
 def picture(samples: np.ndarray, path: Path, title: str = "") -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     _draw(ax, samples)
     ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
 def plot_samples(out: Path, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     panels = [
         (title, np.load(out / file))
         for file, title in (
@@ -112,11 +112,11 @@ def plot_samples(out: Path, path: Path) -> None:
             ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
             ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
         ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "never"
     if isinstance(v, float):
@@ -130,13 +130,13 @@ def table(summary: Summary) -> str:
     head = (
         ["run"] + [f"final {c}" for c in cols] + ["iterations to threshold", "+ stage-1 steps", "wall s to threshold"]
     )
-    rows = [["teacher (Heun)"] + [_fmt(summary.teacher[c]) for c in cols] + ["", "", ""]]
+    rows = [["teacher (Heun)"] + [fmt(summary.teacher[c]) for c in cols] + ["", "", ""]]
     for key, label, _ in RUNS:
         final = summary.runs[key].final
         iters = getattr(sp, f"iterations_{key}")
         with_stage1 = sp.iterations_disback_with_stage1 if key == "disback" else iters
         wall = sp.wall_s_disback_with_stage1 if key == "disback" else sp.wall_s_baseline
-        rows.append([label] + [_fmt(final.get(c)) for c in cols] + [_fmt(iters), _fmt(with_stage1), _fmt(wall, 3)])
+        rows.append([label] + [fmt(final.get(c)) for c in cols] + [fmt(iters), fmt(with_stage1), fmt(wall, 3)])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     note = (
         f"Threshold: {m} <= {sp.threshold_factor:g} x teacher = {sp.threshold:.4g}. "
@@ -166,9 +166,9 @@ def factor_table(summary: Summary) -> str:
         ratios = [f"{r:.2f}x" if r is not None else "n/a" for r in (sp.speedup_iterations, sp.speedup_with_stage1)]
         cells = [
             f"{key}x teacher ({sp.threshold:.3g})",
-            _fmt(sp.iterations_baseline),
-            _fmt(sp.iterations_disback),
-            _fmt(sp.iterations_disback_with_stage1),
+            fmt(sp.iterations_baseline),
+            fmt(sp.iterations_disback),
+            fmt(sp.iterations_disback_with_stage1),
             *ratios,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -198,13 +198,13 @@ def start_far_text(summary: Summary) -> str:
         on_data = d["data"][k] if d.get("data") else None
         ratio = d["ratio"][k] if d.get("ratio") else None
         lines.append(
-            f"| {low:.3g} to {high:.3g} | {_fmt(d['generator'][k])} | {_fmt(on_data) if on_data is not None else 'n/a'} "
-            f"| {_fmt(ratio, 3) if ratio is not None else 'n/a'} |"
+            f"| {low:.3g} to {high:.3g} | {fmt(d['generator'][k])} | {fmt(on_data) if on_data is not None else 'n/a'} "
+            f"| {fmt(ratio, 3) if ratio is not None else 'n/a'} |"
         )
     distance = d.get("path_distance")
     sp = summary.speedup
     tail = (
-        f"The degradation path's total distance from the teacher: {_fmt(distance)}."
+        f"The degradation path's total distance from the teacher: {fmt(distance)}."
         if distance is not None
         else "No degradation path was recorded."
     )

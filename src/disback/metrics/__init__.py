@@ -1,5 +1,6 @@
-"""Quality measures. Points: sliced Wasserstein distance (SWD), MMD, mode coverage. Images: an FID-style Fréchet
-distance on the features of a classifier trained on the data set (not Inception FID)."""
+"""Quality measures. Points: sliced Wasserstein distance (SWD), MMD, mode coverage. Images: the Fréchet distance on
+the features of a classifier trained on the data set (the offline default, not Inception FID) or of Inception
+(Inception FID, as NVlabs/edm computes it). Text: a CLIP score of images against their prompts."""
 
 from __future__ import annotations
 
@@ -14,10 +15,7 @@ def build_metrics(data, projections: int, features: str = "classifier", classifi
         return PointMetrics(data.reference, projections, data.modes, data.mode_std)
     if data.kind == "latents":  # text-to-image: no offline measure of prompt-conditioned images; losses are logged
         return lambda samples: {}
-    from disback.metrics.images import ImageMetrics, classifier_features, plugged_features
+    from disback.metrics.images import ImageMetrics, image_features
 
-    if features == "classifier":
-        fn, info = classifier_features(data.train, data.labels, classifier_steps)
-    else:
-        fn, info = plugged_features(features)
+    fn, info = image_features(features, data.train, data.labels, classifier_steps)
     return ImageMetrics(data.reference, fn, info)

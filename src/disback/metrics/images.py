@@ -1,8 +1,11 @@
-"""An FID-style Fréchet distance on the features of a small classifier trained on the data set itself.
+"""The Fréchet distance of generated images to reference images, in a feature network's space.
 
-This is NOT Inception FID: numbers are comparable only with numbers from the same feature network (same data, same
-cache). The feature network is pluggable (``eval.features: "package.module:function"``), so a user with Inception
-weights can plug them in.
+``eval.features`` picks the network (``image_features``):
+- "classifier" (the offline default): a small CNN trained on the data set itself and cached. This is NOT Inception
+  FID: its numbers compare only with numbers from the same feature network (same data, same cache).
+- "inception=FILE" (or a URL): the field's Inception FID, as NVlabs/edm computes it (disback.metrics.inception).
+- "package.module:function": any feature function of the user's.
+Reference statistics (mu, sigma) can come from an .npz as EDM's ``fid.py ref`` writes them (``reference_stats``).
 """
 
 from __future__ import annotations
@@ -136,12 +139,66 @@ def plugged_features(spec: str) -> tuple[FeatureFn, dict[str, Any]]:
     return fn, {"task": "plugged", "spec": spec}
 
 
-class ImageMetrics:
-    """Fréchet distance of generator samples to the held-out reference, in the feature network's space."""
+def image_features(
+    spec: str, data_images: np.ndarray | None = None, labels: np.ndarray | None = None, classifier_steps: int = 1500
+) -> tuple[FeatureFn, dict[str, Any]]:
+    """The feature network ``spec`` names (see the module's docstring), and what to record about it."""
+    if spec == "classifier":
+        if data_images is None:
+            raise DisbackError(
+                "the classifier features are trained on the data set; give the data, or choose "
+                "--features inception=FILE"
+            )
+        return classifier_features(data_images, labels, classifier_steps)
+    if spec.startswith("inception="):
+        from disback.metrics.inception import InceptionFeatures, fetch
 
-    def __init__(self, reference: np.ndarray, features: FeatureFn, info: dict[str, Any], batch: int = 500):
+        net = InceptionFeatures(
+            *fetch(spec.split("=", 1)[1], cache_dir()), device="cuda" if torch.cuda.is_available() else "cpu"
+        )
+        return net, net.info
+    if ":" in spec:
+        return plugged_features(spec)
+    raise DisbackError(
+        f"unknown features '{spec}': give classifier, inception=FILE (or a URL), or package.module:function"
+    )
+
+
+def reference_stats(file: Path, dimension: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an .npz (EDM's fid.py ref writes them so), checked against the feature dimension."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            if "mu" not in z.files or "sigma" not in z.files:
+                raise DisbackError(
+                    f"{file} holds {', '.join(z.files) or 'nothing'}, not the reference statistics 'mu' and "
+                    "'sigma' (as EDM's fid.py ref writes them); give those, or a folder or .npz of images"
+                )
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    except (OSError, ValueError) as exc:
+        raise DisbackError(f"cannot read the reference statistics {file} ({exc})") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise DisbackError(f"{file}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+    if dimension is not None and len(mu) != dimension:
+        raise DisbackError(
+            f"{file} holds statistics of {len(mu)}-d features, and the feature network gives {dimension}: "
+            "they were computed with another network"
+        )
+    return mu, sigma
+
+
+class ImageMetrics:
+    """Fréchet distance of generator samples to the reference (held-out images, or given statistics), in the feature
+    network's space."""
+
+    def __init__(
+        self,
+        reference: np.ndarray | tuple[np.ndarray, np.ndarray],
+        features: FeatureFn,
+        info: dict[str, Any],
+        batch: int = 500,
+    ):
         self.features, self.info, self.batch = features, info, batch
-        self.ref_stats = statistics(self.embed(reference))
+        self.ref_stats = reference if isinstance(reference, tuple) else statistics(self.embed(reference))
 
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ from disback.data import Data
 from disback.diffusion.sampling import heun_sample, karras_schedule
 from disback.distributed import local, strided
 from disback.engine.checkpoint import Checkpoints
+from disback.engine.log import MetricsLog
 from disback.engine.loop import Guard
+from disback.engine.trackers import make_tracker
 from disback.errors import DisbackError
 from disback.metrics import build_metrics
 from disback.storage.kinds import kind_of
@@ -134,6 +136,11 @@ def loop_options(cfg: Config, out: Path, resume: bool) -> dict[str, Any]:
         "resume": resume,
         "guard": Guard(cfg.run.on_nonfinite, cfg.run.max_skipped),
     }
+
+
+def metrics_log(cfg: Config, out: Path, stage: str) -> MetricsLog:
+    """The stage's metrics.jsonl, with run.log_with's tracker beside it."""
+    return MetricsLog(Path(out) / "metrics.jsonl", make_tracker(cfg.run.log_with, Path(out), stage, cfg.to_dict()))
 
 
 def metrics_for(cfg: Config, data: Data):

@@ -12,14 +12,13 @@ from accelerate.utils import set_seed
 
 from disback.config import Config
 from disback.distributed import local, wait
-from disback.engine.log import MetricsLog
 from disback.engine.loop import Callback, train_loop
 from disback.errors import DisbackError
 from disback.method.lora import Adapted
 from disback.method.path import MANIFEST, DegradationPath
 from disback.method.recording import DistanceProbe, DistanceRecorder, StepRecorder, node_steps
 from disback.method.score_fitting import ScoreFitting
-from disback.stages.common import load_teacher, loop_options, resolve_teacher
+from disback.stages.common import load_teacher, loop_options, metrics_log, resolve_teacher
 from disback.stages.runtime import accelerator, sharded, speed_up
 from disback.stages.starts import keep_start, start_from
 from disback.storage.files import sha256_file
@@ -107,7 +106,7 @@ def record_path(
         task,
         steps,
         callbacks=[recorder, *callbacks],
-        log=MetricsLog(out / "metrics.jsonl"),
+        log=metrics_log(cfg, out, "degrade"),
         eval_every=max(steps // 50, 1),
         evaluate=lambda: {"distance": probe(degrading)},
         show_progress=show_progress,

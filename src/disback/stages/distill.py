@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from accelerate.utils import set_seed
@@ -15,7 +15,7 @@ from disback.config import Config
 from disback.config.choices import METHODS
 from disback.data import Data
 from disback.distributed import strided, wait
-from disback.engine.log import MetricsLog, read_metrics
+from disback.engine.log import read_metrics
 from disback.engine.loop import Callback, train_loop
 from disback.errors import DisbackError
 from disback.method.distillation import Distillation
@@ -30,6 +30,7 @@ from disback.stages.common import (
     load_teacher,
     loop_options,
     metrics_for,
+    metrics_log,
     resolve_teacher,
 )
 from disback.stages.runtime import accelerator, sharded, speed_up
@@ -55,6 +56,7 @@ def distill(
     callbacks: Sequence[Callback] = (),
     generator: Path | None = None,
     fake: Path | None = None,
+    measure: Callable[[np.ndarray], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Distribution Backtracking over ``path``; with ``path=None``, the baseline (the teacher is the only node).
 
@@ -62,7 +64,8 @@ def distill(
     path recorded toward one, that one, which is the default). The fake score starts at the path's last node (the
     teacher for the baseline), or from ``fake``. disback.storage.external lists the formats of both. With
     ``resume``, continue from the folder's latest checkpoint (a finished run is read back as it is). ``callbacks`` join
-    the loop's. Returns the result (switches, nodes) and the metrics records."""
+    the loop's. ``measure`` replaces the data's own measure (disback.metrics) at each evaluation: samples in the data's
+    units -> values (the text plugin's CLIP score). Returns the result (switches, nodes) and the metrics records."""
     out = Path(out)
     teacher_file = resolve_teacher(teacher_file)
     acc = accelerator(cfg.run.precision)
@@ -87,7 +90,7 @@ def distill(
     if resume and (out / RESULT).is_file():
         return {**json.loads((out / RESULT).read_text()), "records": read_metrics(out / "metrics.jsonl")}
     keep_start(net, start, out)
-    measure = metrics_for(cfg, data)  # before the seed: a feature network trained now must not shift the run's RNG
+    measure = measure or metrics_for(cfg, data)  # before the seed: a feature network trained now must not shift the RNG
     set_seed(cfg.seed + 2)  # the same seed for DisBack and the baseline
     generator = net
     # every node's sha256, keys and shapes, before any training (the baseline's one node is the teacher's full file)
@@ -141,7 +144,7 @@ def distill(
         evaluate=lambda: measure(samples()),
         eval_every=cfg.eval.every,
         callbacks=callbacks,
-        log=MetricsLog(out / "metrics.jsonl"),
+        log=metrics_log(cfg, out, stage),
         show_progress=show_progress,
         **loop_options(cfg, out, resume),
     )

@@ -14,7 +14,6 @@ from disback.config import Config
 from disback.data import Data
 from disback.diffusion.denoisers import build_denoiser
 from disback.distributed import wait
-from disback.engine.log import MetricsLog
 from disback.engine.loop import Callback, train_loop
 from disback.method.score_fitting import ScoreFitting
 from disback.stages.common import (
@@ -24,6 +23,7 @@ from disback.stages.common import (
     class_labels,
     load_teacher,
     loop_options,
+    metrics_log,
     resolve_teacher,
     teacher_samples,
 )
@@ -71,7 +71,7 @@ def train_teacher(
     train_loop(
         task,
         cfg.teacher.steps,
-        log=MetricsLog(out / "metrics.jsonl"),
+        log=metrics_log(cfg, out, "teacher"),
         eval_every=max(cfg.teacher.steps // 20, 1),
         evaluate=lambda: {},
         callbacks=callbacks,

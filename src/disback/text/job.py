@@ -3,6 +3,7 @@ same stages as every other teacher: import, stage 1, stage 2 (or the baseline), 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ from disback.storage.files import write_json
 from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.runfolder import begin_stage
 from disback.text.captions import read_captions
-from disback.text.pipeline import export_text, import_text_teacher
+from disback.text.measure import LatentClip
+from disback.text.pipeline import PROMPT_TEXTS, export_text, import_text_teacher
 from disback.text.prompts import read_prompts
+from disback.text.report import write_text_report
 
 
 def latent_data(meta: ModelMeta, folder: Path) -> Data:
@@ -90,6 +93,7 @@ def run_text(
     )
     write_json(out / "start_far.json", stages.start_far(cfg, data, teacher_file, path, starts.get("generator")))
     run = out / ("disback" if backtrack else "baseline")
+    measure = clip_measure(cfg, pipeline, teacher_file.parent)
     stages.distill(
         cfg,
         data,
@@ -100,8 +104,17 @@ def run_text(
         resume,
         generator=starts.get("generator"),
         fake=starts.get("denoiser"),
+        measure=measure,
     )
     if is_writer():
         export_text(run / "generator.safetensors", out / "pipeline")
+        write_text_report(out, run)
     wait()
     return out / "pipeline"
+
+
+def clip_measure(cfg: Config, pipeline: str, teacher_folder: Path) -> LatentClip | None:
+    """eval.clip's CLIP score of the evaluation's latents against their prompts, or None (losses only)."""
+    if not cfg.eval.clip:
+        return None
+    return LatentClip(pipeline, cfg.eval.clip, json.loads((teacher_folder / PROMPT_TEXTS).read_text()))

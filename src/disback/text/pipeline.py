@@ -4,13 +4,14 @@ LCMScheduler, sampled in one step."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from disback.errors import DisbackError
 from disback.stages.common import TEACHER
-from disback.storage.files import atomic_write, write_folder
+from disback.storage.files import atomic_write, write_folder, write_json
 from disback.storage.kinds import unet_spec
 from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.models import load_model, save_model
@@ -18,6 +19,7 @@ from disback.text.captions import REAL, encode_images, read_captions
 from disback.text.networks import TextDenoiser
 from disback.text.prompts import PROMPTS, Prompts, encode_prompts, load_component, read_prompts
 
+PROMPT_TEXTS = "prompts.json"  # beside prompts.safetensors: the prompts of its rows
 UNET_BIN = "disback_unet_fp16.bin"  # the distilled UNet as a state dict, beside the exported pipeline
 
 
@@ -47,6 +49,7 @@ def import_text_teacher(
     resolution = size * vae_scale_factor(pipeline)
     table = encode_prompts(pipeline, prompts, resolution, xl)  # time ids: the image size
     _save_tensors(table, Path(out) / PROMPTS)
+    write_json(Path(out) / PROMPT_TEXTS, prompts)  # the table's rows as text, for the CLIP score
     if real:
         latents = encode_images(pipeline, [image for image, _ in real], resolution)
         _save_tensors({"latents": latents, "labels": torch.tensor([rows[c] for _, c in real])}, Path(out) / REAL)
@@ -128,6 +131,9 @@ def export_text(generator_file: Path, out: Path) -> Path:
         pipe.save_pretrained(folder)
         # the UNet alone as a state dict in fp16 too, as DMD2 and the original DisBack release publish theirs
         torch.save({k: v.half() for k, v in pipe.unet.state_dict().items()}, folder / UNET_BIN)
+        (folder / "disback.json").write_text(
+            json.dumps({"timestep": meta.spec["timestep"], "source": meta.source}) + "\n"
+        )
         snippet = sample_command(out, meta.spec["timestep"]).replace("; ", "\n")
         (folder / "DISBACK.md").write_text(
             f"One-step generator distilled by disback from {meta.source}.\n\n"
