@@ -418,16 +418,7 @@ def main() -> None:
         results = merge_results([json.loads(f.read_text()) for f in sorted(out.glob("*/seed-*/*/result.json"))])
     else:
         results = run(args, out)
-    write_json(
-        out / "results.json",
-        {
-            "command": " ".join(sys.argv),
-            "machine": machine(),
-            "date": time.strftime("%Y-%m-%d"),
-            "elapsed_s": round(time.perf_counter() - begun),
-            "results": results,
-        },
-    )
+    write_results(out, results, begun)
     labels = ("3x teacher", "2x teacher", "baseline final")
     text = "\n\n".join(summary(results, label) for label in labels)
     if len(args.methods) > 1 or args.reuse:
@@ -450,19 +441,16 @@ COST = {
 }  # the order in which jobs start: dmd2 (two fake updates and a GAN) first
 
 
-def run(args, out: Path) -> list[dict]:
-    """Every teacher, then each data set's (seed, method) jobs as soon as its teacher is ready. Workers are handed one
-    job at a time, the longest first (images, then dmd2), so that no worker idles at the end behind a long job."""
-    extra = parse_overrides(args.overrides)
-    budget = {name: args.budgets.get(preset_of(name), {}) for name in args.data}
-    prefix = len(args.methods) > 1
-    ready: list[tuple] = []  # (data, seed, method, teacher file)
+def schedule(names: list[str], extra: dict, budget: dict, out: Path, workers: int, jobs_for) -> list[dict]:
+    """Every data set's teacher, then the jobs ``jobs_for(name, teacher file)`` returns ((sort key, function, arguments)
+    each) as soon as that teacher is ready. Workers are handed one job at a time, the lowest key first (the longest:
+    images first), so that no worker idles at the end behind a long job. Returns the jobs' results."""
+    ready: list[tuple] = []
     results = []
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         running = {
             pool.submit(teacher_job, name, extra, budget[name], str(out)): name
-            for name in sorted(args.data, key=lambda n: n not in PRESETS)
+            for name in sorted(names, key=lambda n: n not in PRESETS)
         }  # the long (image) teachers first
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -471,15 +459,46 @@ def run(args, out: Path) -> list[dict]:
                 if name is None:
                     results.append(future.result())
                 else:
-                    ready += [(name, seed, method, future.result()) for seed in args.seeds for method in args.methods]
-            ready.sort(key=lambda job: (job[0] not in PRESETS, COST.get(job[2], 0)))
-            while ready and len(running) < args.jobs:
-                name, seed, method, teacher = ready.pop(0)
-                job = pool.submit(
-                    seed_job, name, seed, extra, budget[name], str(out), teacher, args.variants, method, prefix
-                )
-                running[job] = None
-    return merge_results(results)
+                    ready += jobs_for(name, future.result())
+            ready.sort(key=lambda job: job[0])
+            while ready and len(running) < workers:
+                _, fn, job_args = ready.pop(0)
+                running[pool.submit(fn, *job_args)] = None
+    return results
+
+
+def run(args, out: Path) -> list[dict]:
+    """Every teacher, then each data set's (seed, method) jobs as soon as its teacher is ready (images, then dmd2)."""
+    extra = parse_overrides(args.overrides)
+    budget = {name: args.budgets.get(preset_of(name), {}) for name in args.data}
+    prefix = len(args.methods) > 1
+
+    def jobs_for(name: str, teacher: str) -> list[tuple]:
+        return [
+            (
+                (name not in PRESETS, COST.get(method, 0)),
+                seed_job,
+                (name, seed, extra, budget[name], str(out), teacher, args.variants, method, prefix),
+            )
+            for seed in args.seeds
+            for method in args.methods
+        ]
+
+    return merge_results(schedule(args.data, extra, budget, out, args.jobs, jobs_for))
+
+
+def write_results(out: Path, results: list[dict], begun: float) -> None:
+    """OUT/results.json: the command, the machine, the date, the time it took and every result."""
+    write_json(
+        out / "results.json",
+        {
+            "command": " ".join(sys.argv),
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"),
+            "elapsed_s": round(time.perf_counter() - begun),
+            "results": results,
+        },
+    )
 
 
 def machine() -> str:

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from convergence import PRESETS, config, fresh, machine, mean_sd, ratio, slug, teacher_job
+from convergence import PRESETS, config, fresh, mean_sd, ratio, schedule, slug, write_results
 from disback import stages
 from disback.config import merge, parse_overrides
 from disback.data import load_data
@@ -175,27 +172,19 @@ def table(results: list[dict]) -> str:
 
 
 def run(args, out: Path) -> list[dict]:
+    """Every teacher, then each data set's (seed, K) jobs as soon as its teacher is ready (images, then the longest
+    students first)."""
     extra = parse_overrides(args.overrides)
     budget = {name: args.budgets.get(PRESETS.get(name, "toy2d"), {}) for name in args.data}
-    ready, results = [], []
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        running = {
-            pool.submit(teacher_job, name, extra, budget[name], str(out)): name
-            for name in sorted(args.data, key=lambda n: n not in PRESETS)
-        }
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                name = running.pop(future)
-                if name is None:
-                    results.append(future.result())
-                else:
-                    ready += [(name, seed, k, future.result()) for seed in args.seeds for k in args.data[name]]
-            ready.sort(key=lambda job: (job[0] not in PRESETS, -job[2]))  # images, then the longest students first
-            while ready and len(running) < args.jobs:
-                name, seed, k, teacher = ready.pop(0)
-                running[pool.submit(refine_job, name, seed, k, extra, budget[name], str(out), teacher)] = None
-    return results
+
+    def jobs_for(name: str, teacher: str) -> list[tuple]:
+        return [
+            ((name not in PRESETS, -k), refine_job, (name, seed, k, extra, budget[name], str(out), teacher))
+            for seed in args.seeds
+            for k in args.data[name]
+        ]
+
+    return schedule(list(args.data), extra, budget, out, args.jobs, jobs_for)
 
 
 def main() -> None:
@@ -223,16 +212,7 @@ def main() -> None:
     else:
         results = run(args, out)
     results.sort(key=lambda r: (r["data"], r["K"], r["seed"]))
-    write_json(
-        out / "results.json",
-        {
-            "command": " ".join(sys.argv),
-            "machine": machine(),
-            "date": time.strftime("%Y-%m-%d"),
-            "elapsed_s": round(time.perf_counter() - begun),
-            "results": results,
-        },
-    )
+    write_results(out, results, begun)
     text = table(results)
     write_text(out / "table.md", text + "\n")
     print(text)
