@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from conftest import TINY_ARGS
@@ -156,6 +157,100 @@ def test_eval_on_a_digits_run_with_the_classifier_and_with_inception(digits_run,
     assert "small.npz holds statistics of 4-d features" in capsys.readouterr().err
     assert main(["eval", str(digits_run / "pipeline"), "--n", "8", "--quiet"]) == 2  # no data to compare with
     assert "give --ref" in capsys.readouterr().err
+
+
+def test_eval_streams_batches_balances_classes_and_checks_inputs_before_drawing(digits_run, tmp_path, capsys):
+    demo, pipeline, net = digits_run / "demo", digits_run / "pipeline", scripted(tmp_path)
+    ref = tmp_path / "refs"
+    ref.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(40):
+        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).save(ref / f"{i}.png")
+    common = ["--n", "30", "--quiet", "--features", f"inception={net}", "--ref", str(ref)]
+    values = {}
+    for name, target, batch in (("run", demo, "30"), ("run-b7", demo, "7"), ("pipeline-b4", pipeline, "4")):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", str(target), *common, "--batch", batch, "--out", str(out)]) == 0
+        values[name] = json.loads(out.read_text())["value"]
+    # sample i has the same noise and class whatever the batch: the statistics, summed batch by batch, agree; the
+    # exported pipeline draws the same classes (10 of them, 4 per batch) as the generator file
+    assert values["run-b7"] == pytest.approx(values["run"], rel=1e-6)
+    assert values["pipeline-b4"] == pytest.approx(values["run"], rel=1e-4)
+    capsys.readouterr()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(ref / "0.png")  # a replaced image: a new reference
+    assert main(["eval", str(demo), *common, "--out", str(tmp_path / "new.json")]) == 0
+    assert "saved to" in capsys.readouterr().err
+    assert json.loads((tmp_path / "new.json").read_text())["value"] != pytest.approx(values["run"], rel=1e-9)
+    # a billion samples: every bad input is refused before the first one is drawn
+    huge = ["eval", str(demo), "--n", "1000000000", "--quiet"]
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    for extra, message in (
+        (["--features", f"inception={tmp_path / 'junk.pt'}"], "junk.pt is not a TorchScript network"),
+        (["--features", f"inception={net}", "--ref", str(tmp_path / "none.npz")], "none.npz does not exist"),
+        (["--features", "classifier", "--ref", str(tmp_path / "none")], "none does not exist"),
+    ):
+        assert main([*huge, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", str(pipeline), "--n", "1000000000", "--quiet", "--ref", str(ref)]) == 2
+    assert "give --features inception=FILE" in capsys.readouterr().err
+
+
+def test_inception_fid_in_the_training_loop(digits_run, tmp_path):
+    """eval.features=inception=FILE: the loop's fid is Inception FID of its samples against the held-out images, and
+    the report says so (not "NOT Inception FID")."""
+    from disback.config import build_config
+    from disback.data import load_data
+    from disback.jobs.report import features_note
+
+    net = scripted(tmp_path)
+    out = tmp_path / "run"
+    spec = f"eval.features=inception={net}"
+    args = ["distill", "--teacher", str(digits_run / "demo" / "teacher"), "--out", str(out), *DIGITS_ARGS]
+    assert main([*args, "--set", spec]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    cfg = build_config("digits", overrides={"data": {"n_eval": 100}})
+    reference = load_data(cfg.data, cfg.seed).reference
+    features = InceptionFeatures(*fetch(str(net), tmp_path))
+    expected = ImageMetrics(reference, features, features.info)(np.load(out / "samples.npy"))["fid"]
+    assert records[-1]["fid"] == pytest.approx(expected, rel=1e-5)
+    note = features_note(features.info, 100)
+    assert "is Inception FID" in note and "NOT" not in note and features.sha256[:12] in note
+
+
+class NoFeatures(nn.Module):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img.float().mean((2, 3))
+
+
+def test_inception_by_url_is_downloaded_once_and_checked(tmp_path, caplog):
+    import hashlib
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    net = scripted(served)
+    digest = hashlib.sha256(net.read_bytes()).hexdigest()
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{net.name}"
+        with pytest.raises(DisbackError, match="downloaded with sha256 .*, not the 000000000000... asked for"):
+            fetch(f"{url}#sha256={'0' * 64}", tmp_path / "cache")
+        file, sha = fetch(f"{url}#sha256={digest}", tmp_path / "cache")
+        assert sha == digest and file.read_bytes() == net.read_bytes() and file.parent == tmp_path / "cache"
+        net.unlink()  # cached: not downloaded again
+        assert fetch(f"{url}#sha256={digest}", tmp_path / "cache") == (file, digest)
+        assert fetch(url, tmp_path / "cache")[1] == digest  # no fragment: recorded, with a warning
+        assert "not verified" in caplog.text
+    finally:
+        server.shutdown()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(NoFeatures()).save(str(tmp_path / "nofeatures.pt"))
+    with pytest.raises(DisbackError, match="nofeatures.pt cannot be called as Inception is"):
+        InceptionFeatures(*fetch(str(tmp_path / "nofeatures.pt"), tmp_path))
 
 
 def test_trackers_get_the_metrics_and_a_missing_package_says_what_to_install(tmp_path, capsys):

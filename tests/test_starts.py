@@ -125,6 +125,36 @@ def test_a_fake_score_from_a_unet_state_dict(student, tmp_path):
     assert all(torch.equal(converted[f"backbone.unet.{k}"], v) for k, v in unet.state_dict().items())
 
 
+def test_a_fake_score_given_over_a_path_is_the_one_backtracking_starts_from(student, tmp_path):
+    """With --fake, the fake score starts from the critic given, not from the path's last node (a learning rate of
+    1e-12: it stays where it started, to within 1e-8)."""
+    cfg, teacher, run, _ = student
+    data = load_data(cfg.data, cfg.seed)
+    path = stages.record_path(cfg, teacher, tmp_path / "path", show_progress=False)
+    assert len(path) > 1
+    frozen = digits_config(distill={"lr_fake": 1e-12})
+    stages.distill(frozen, data, teacher, path, tmp_path / "run", show_progress=False, fake=run)
+    given, last = load_file(str(run / "fake.safetensors")), load_file(str(path.root / path.nodes[-1].file))
+    ended = load_file(str(tmp_path / "run" / "fake.safetensors"))
+    assert ended.keys() == given.keys()
+    assert all(torch.allclose(ended[k], given[k], rtol=0, atol=1e-8) for k in given)
+    assert not all(torch.allclose(ended[k], last[k], rtol=0, atol=1e-6) for k in last if k in ended)
+
+
+def test_a_sharded_diffusers_unet_folder_is_read_whole(student, tmp_path):
+    """save_pretrained shards a UNet above max_shard_size (an fp32 SDXL UNet at the 10 GB default)."""
+    cfg, teacher, run, _ = student
+    generator, _ = load_model(run / "generator.safetensors")
+    unet = unet_of(generator, run)
+    unet.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    path = stages.record_path(cfg, teacher, tmp_path / "path", show_progress=False, generator=tmp_path / "sharded")
+    origin = path.config["initial_generator"]["origin"]
+    assert origin["file"].endswith(".index.json") and len(origin["shards"]) > 1
+    converted = load_file(str(tmp_path / "path" / "initial-generator.safetensors"))
+    assert all(torch.equal(converted[f"denoiser.backbone.unet.{k}"], v) for k, v in unet.state_dict().items())
+
+
 class NotATensor:
     pass
 
@@ -134,6 +164,7 @@ def test_bad_starts_are_refused_before_anything_is_written(student, tmp_path, ca
     args = ["degrade", "--preset", "digits", "--teacher", str(teacher), "--quiet", "--set", "network.channels=[8, 16]"]
     with open(tmp_path / "pickled.bin", "wb") as fh:  # not tensors: refused by weights_only, never run
         pickle.dump({"conv_in.weight": NotATensor()}, fh)
+    (tmp_path / "junk.bin").write_bytes(np.random.default_rng(0).bytes(4096))
     generator, _ = load_model(run / "generator.safetensors")
     unet = unet_of(generator, run)
     other = {k: v for k, v in unet.state_dict().items() if not k.startswith("conv_out")}
@@ -176,6 +207,7 @@ def test_bad_starts_are_refused_before_anything_is_written(student, tmp_path, ca
     capsys.readouterr()
     cases = [
         (tmp_path / "pickled.bin", "pickled.bin is not a state dict of tensors that can be read safely"),
+        (tmp_path / "junk.bin", "junk.bin is not a state dict of tensors that can be read safely"),
         (
             tmp_path / "other.bin",
             r"other.bin does not match the model: 2 missing keys \(e.g. \['conv_out.bias', 'conv_out.weight'\]\)"
@@ -196,6 +228,27 @@ def test_bad_starts_are_refused_before_anything_is_written(student, tmp_path, ca
         assert not out.exists()  # nothing written
     assert main([*args, "--generator", str(run), "--set", "distill.sigma_g=80", "--out", str(tmp_path / "sg")]) == 2
     assert "set --set distill.sigma_g=2.5" in capsys.readouterr().err
+    # the same checks for --fake, for distill and demo, and before --overwrite deletes the old run
+    settings = ["--preset", "digits", "--quiet", "--set", "network.channels=[8, 16]", "--set", "distill.steps=1"]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "config.yaml").write_text("{}")  # a folder disback wrote: --overwrite may delete it
+    for command, extra in (
+        (["distill", "--teacher", str(teacher)], []),
+        (["demo", "--teacher", str(teacher)], []),
+        (["distill", "--teacher", str(teacher)], ["--overwrite"]),
+        (["demo", "--teacher", str(teacher)], ["--overwrite"]),
+    ):
+        for option, source, message in (
+            ("--fake", tmp_path / "other.bin", "other.bin does not match the model"),
+            ("--fake", run / "generator.safetensors", "is a generator, and a denoiser is wanted here"),
+            ("--generator", tmp_path / "junk.bin", "junk.bin is not a state dict of tensors"),
+        ):
+            out = kept if extra else tmp_path / "new"
+            assert main([*command, *settings, option, str(source), "--out", str(out), *extra]) == 2, command
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (command, err)
+            assert (kept / "config.yaml").is_file() if extra else not out.exists(), (command, extra)
 
 
 def test_score_mismatch_is_one_on_data_and_grows_off_it():

@@ -280,10 +280,33 @@ def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffu
     record = json.loads((out / "pipeline" / "eval.json").read_text())
     assert record["measure"] == "clip_score" and record["n"] == 6 and np.isfinite(record["value"])
     assert record["network"]["sha256"] and record["network"]["model"] == str(clip)
+    again = [str(out / "pipeline"), "--n", "6", "--batch", "2", "--quiet", "--prompts", str(prompts)]
+    assert main(["eval", *again, "--clip", str(clip), "--out", str(tmp_path / "b2.json")]) == 0
+    assert json.loads((tmp_path / "b2.json").read_text())["value"] == pytest.approx(record["value"], rel=1e-5)
     capsys.readouterr()
     # `disback export` writes a text generator's pipeline as the text plugin does
     assert main(["export", str(out / "disback"), "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "model_index.json").read_text())["scheduler"][1] == "LCMScheduler"
+
+
+def test_a_student_of_another_architecture_is_refused_before_the_teacher_is_imported(tmp_path, capsys):
+    """An SD1.5 UNet state dict given for an SDXL pipeline (and an SDXL one for SD1.5): one line naming the keys that
+    differ, and nothing written."""
+    from diffusers import UNet2DConditionModel
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    pipelines = {xl: build_pipeline(tmp_path / ("xl" if xl else "sd15"), xl) for xl in (False, True)}
+    for xl, pipeline in pipelines.items():
+        other = UNet2DConditionModel.from_pretrained(pipelines[not xl], subfolder="unet")
+        torch.save({k: v.half() for k, v in other.state_dict().items()}, tmp_path / "other.bin")
+        out = tmp_path / f"out-{xl}"
+        args = ["text", "--pretrained", str(pipeline), "--prompts", str(prompts), *TINY_TEXT, "--out", str(out)]
+        assert main([*args, "--generator", str(tmp_path / "other.bin")]) == 2
+        err = capsys.readouterr().err
+        assert "other.bin does not match the model" in err and "is this a UNet of another model?" in err, err
+        assert "keys (e.g." in err or "shape mismatch (" in err, err  # the first keys or shapes that differ
+        assert not out.exists()
 
 
 def test_prompts_files_are_read_or_refused_clearly(tmp_path):

@@ -10,9 +10,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from disback.config import choices
 from disback.errors import DisbackError
+
+if TYPE_CHECKING:
+    from disback.config import Config
 
 log = logging.getLogger("disback")
 DATA_HELP = f"built-in data ({', '.join(choices.DATASETS)}), or {choices.USER_DATA}"
@@ -238,9 +242,18 @@ def run(argv: list[str] | None = None) -> int:
     if resume and getattr(args, "overwrite", False):
         raise DisbackError("--resume continues a run and --overwrite deletes it: give one of them")
 
-    def settled() -> None:
+    def settled(cfg: Config, teacher: Path | None = None) -> None:
         """--overwrite deletes the old run only once the new settings (and the inputs they name) have been checked."""
         if getattr(args, "overwrite", False):
+            generator, fake = getattr(args, "generator", None), getattr(args, "fake", None)
+            if args.command == "text":
+                from disback.text import check_text_starts
+
+                check_text_starts(cfg, args.pretrained, generator, fake)
+            else:
+                from disback.stages import check_starts
+
+                check_starts(cfg, teacher, generator, fake)
             clear_out(Path(args.out))
 
     if args.command == "demo":
@@ -250,7 +263,7 @@ def run(argv: list[str] | None = None) -> int:
 
         teacher = _demo_teacher(args)
         cfg = _config(args, data_default=teacher_meta(teacher).data if teacher else None)
-        settled()
+        settled(cfg, teacher)
         run_demo(cfg, Path(args.out), show, resume, teacher, args.generator, args.fake)
         if is_writer():  # the summary it reads is the main process's
             print(write_report(Path(args.out)))
@@ -260,7 +273,7 @@ def run(argv: list[str] | None = None) -> int:
         from disback.data import load_data
 
         cfg = _config(args)
-        settled()
+        settled(cfg)
         path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show, resume)
         say(f"teacher: {path}")
     elif args.command == "degrade":
@@ -269,7 +282,7 @@ def run(argv: list[str] | None = None) -> int:
 
         cfg = _config(args)
         teacher_meta(Path(args.teacher))  # a missing or wrong teacher fails before --overwrite deletes anything
-        settled()
+        settled(cfg, Path(args.teacher))
         path = stages.record_path(cfg, Path(args.teacher), Path(args.out), show, resume, generator=args.generator)
         say(f"degradation path: {path.root / 'manifest.json'} ({len(path)} nodes)")
     elif args.command in ("backtrack", "distill"):
@@ -280,7 +293,7 @@ def run(argv: list[str] | None = None) -> int:
         teacher_file = resolve_teacher(Path(args.teacher))
         cfg = _config(args, data_default=teacher_meta(teacher_file).data)
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
-        settled()
+        settled(cfg, teacher_file)
         data = load_data(cfg.data, cfg.seed)
         result = stages.distill(
             cfg, data, teacher_file, path, Path(args.out), show, resume, generator=args.generator, fake=args.fake
@@ -291,7 +304,7 @@ def run(argv: list[str] | None = None) -> int:
         from disback.text import run_text, sample_command
 
         cfg = _config(args)
-        settled()
+        settled(cfg)
         out = run_text(
             cfg,
             args.pretrained,

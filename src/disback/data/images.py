@@ -70,7 +70,7 @@ def read_image_source(path: Path, resolution: int, channels: int) -> np.ndarray:
     else:
         raise DisbackError(f"{path}: images must be a folder of PNG/JPEG files or an .npz array")
     if len(arrays) < MIN_IMAGES:
-        raise DisbackError(f"{path} holds {len(arrays)} images; at least {MIN_IMAGES} are needed to fit a teacher")
+        raise DisbackError(f"{path} holds {len(arrays)} images; at least {MIN_IMAGES} are needed")
     return np.stack([resize(a, resolution, path) for a in arrays]).astype(np.float32)
 
 

@@ -20,7 +20,8 @@ def make_tracker(kind: str, folder: Path, name: str, config: dict[str, Any]) -> 
         tracker = TensorBoardTracker(name, Path(folder) / "tensorboard")
     else:
         tracker = WandBTracker("disback", name=f"{folder}:{name}", dir=str(folder))
-    tracker.start()
+    if hasattr(tracker, "start"):  # recent accelerate starts a tracker in start(), older releases in __init__
+        tracker.start()
     tracker.store_init_configuration(flat(config))
     return tracker
 

@@ -52,6 +52,7 @@ def run_demo(
     begun = time.perf_counter()
     out = Path(out)
     sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is trained
+    stages.check_starts(cfg, teacher, generator, fake)  # against the teacher when it was made before
     prepare_out(cfg, out, resume)
     data = load_data(cfg.data, cfg.seed)
     save_array(out / "reference.npy", data.reference[: cfg.data.n_eval])  # the report's "data" panel

@@ -13,8 +13,9 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +28,15 @@ from disback.data.images import read_image_source
 from disback.engine.progress import progress
 from disback.errors import DisbackError
 from disback.jobs.export import find_generator
-from disback.metrics.images import ImageMetrics, cache_dir, image_features, reference_stats, statistics
+from disback.metrics.images import (
+    ImageMetrics,
+    RunningStatistics,
+    cache_dir,
+    frechet_distance,
+    image_features,
+    reference_stats,
+    statistics,
+)
 from disback.storage.files import atomic_write, sha256_file, write_json
 from disback.storage.kinds import kind_of
 from disback.storage.meta import ModelMeta, read_meta
@@ -36,6 +45,26 @@ from disback.storage.models import load_model
 log = logging.getLogger(__name__)
 EVAL = "eval.json"
 Draw = Callable[[int, int], torch.Tensor]  # (first index, count) -> samples: images in [0, 1], or points
+
+
+@dataclass
+class Target:
+    """What is measured: its kind ("points", "images" or "text"), a draw function, the shape of one sample, the run's
+    settings (a generator file's run; None for a pipeline) and, for text, the prompt of each sample."""
+
+    kind: str
+    draw: Draw
+    shape: tuple[int, ...]
+    cfg: Config | None = None
+    prompts: Callable[[int, int], list[str]] | None = None
+
+
+class Measure(Protocol):
+    """A measure fed one batch of samples at a time (so that 50,000 images are never held at once)."""
+
+    def add(self, samples: torch.Tensor, first: int) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
 
 
 def evaluate(
@@ -51,28 +80,19 @@ def evaluate(
     out: Path | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure ``target`` (see the module's docstring); write and return eval.json's content."""
+    """Measure ``target`` (see the module's docstring); write and return eval.json's content. Every input (the feature
+    network, the reference, the CLIP model, the prompts) is checked before the first sample is drawn."""
     if n < 1 or batch < 1:
         raise DisbackError("--n and --batch must be positive")
     begun = time.perf_counter()
     target = Path(target)
-    if (target / "model_index.json").is_file():
-        kind, draw, meta, cfg = _pipeline(target, n, seed, prompts)
-    else:
-        kind, draw, meta, cfg = _generator(target, seed)
-    if kind == "text" and clip is None and ref is None:
-        raise DisbackError(
-            "a text pipeline is measured with a CLIP score (--clip MODEL, e.g. openai/clip-vit-base-patch32) "
-            "or a Fréchet distance against reference images (--ref)"
-        )
-    samples = torch.cat(list(_batches(draw, n, batch, show_progress)))
-    results = []
-    if kind == "points":
-        results.append(_points(samples.numpy(), cfg, n))
-    elif kind == "images" or ref is not None:
-        results.append(_fid(samples, cfg, ref, features))
-    if kind == "text" and clip is not None:
-        results.append(_clip(samples, clip, draw.prompts))  # type: ignore[attr-defined]
+    what = _pipeline(target, seed, prompts) if (target / "model_index.json").is_file() else _generator(target, seed)
+    measures = _measures(what, n, ref, features, clip)
+    for first in progress(range(0, n, batch), "eval", show_progress):
+        samples = what.draw(first, min(batch, n - first)).detach().cpu().float()
+        for measure in measures:
+            measure.add(samples, first)
+    results = [measure.result() for measure in measures]
     record = {
         "target": str(target),
         "n": n,
@@ -94,16 +114,26 @@ def line(record: dict[str, Any]) -> str:
     return f"{', '.join(parts)}  {record['n']} samples, seed {record['seed']}, {record['time_s']} s -> {record['file']}"
 
 
-def _batches(draw: Draw, n: int, batch: int, show: bool) -> Iterator[torch.Tensor]:
-    bar = progress(range(0, n, batch), "eval", show)
-    for i in bar:
-        yield draw(i, min(batch, n - i)).detach().cpu().float()
+def _measures(what: Target, n: int, ref: Path | None, features: str, clip: str | None) -> list[Measure]:
+    if what.kind == "points":
+        return [_Points(what.cfg)]
+    if what.kind == "text" and clip is None and ref is None:
+        raise DisbackError(
+            "a text pipeline is measured with a CLIP score (--clip MODEL, e.g. openai/clip-vit-base-patch32) "
+            "or a Fréchet distance against reference images (--ref)"
+        )
+    measures: list[Measure] = []
+    if what.kind == "images" or ref is not None:
+        measures.append(_Fid(what, n, ref, features))
+    if what.kind == "text" and clip is not None:
+        measures.append(_Clip(clip, what.prompts))
+    return measures
 
 
 # ---------------------------------------------------------------- what is measured
 
 
-def _generator(target: Path, seed: int) -> tuple[str, Draw, ModelMeta, Config]:
+def _generator(target: Path, seed: int) -> Target:
     file = find_generator(target)
     meta = read_meta(file)
     if meta.role != "generator":
@@ -114,7 +144,6 @@ def _generator(target: Path, seed: int) -> tuple[str, Draw, ModelMeta, Config]:
         )
     model, meta = load_model(file)
     model.eval()
-    cfg = _run_config(file, meta)
 
     @torch.no_grad()
     def draw(first: int, count: int) -> torch.Tensor:
@@ -122,23 +151,26 @@ def _generator(target: Path, seed: int) -> tuple[str, Draw, ModelMeta, Config]:
         labels = torch.arange(first, first + count) % meta.num_classes if meta.num_classes else None
         return torch.from_numpy(to_units(model(z, labels), meta.normaliser, images=meta.is_images))
 
-    return ("images" if meta.is_images else "points"), draw, meta, cfg
+    kind = "images" if meta.is_images else "points"
+    return Target(kind, draw, tuple(meta.shape), _run_config(file, meta))
 
 
-def _pipeline(
-    folder: Path, n: int, seed: int, prompts: Path | None
-) -> tuple[str, Draw, ModelMeta | None, Config | None]:
+def _pipeline(folder: Path, seed: int, prompts: Path | None) -> Target:
     index = json.loads((folder / "model_index.json").read_text())
     if index.get("_class_name") == "OneStepPipeline":
         from disback.jobs.pipeline_onestep import OneStepPipeline
 
         pipe = OneStepPipeline.from_pretrained(folder)
-        shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+        config = pipe.unet.config
+        size = config.sample_size if isinstance(config.sample_size, (list, tuple)) else [config.sample_size] * 2
+        shape, classes = (config.in_channels, *size), config.num_class_embeds
 
         def draw(first: int, count: int) -> torch.Tensor:
-            return pipe(batch_size=count, noise=_noise(first, count, shape, seed), output_type="pt").images
+            labels = torch.arange(first, first + count) % classes if classes else None  # balanced over all classes
+            noise = _noise(first, count, shape, seed)
+            return pipe(batch_size=count, noise=noise, class_labels=labels, output_type="pt").images
 
-        return "images", draw, None, None
+        return Target("images", draw, tuple(shape))
     if prompts is None:
         raise DisbackError(
             f"{folder} is a text-to-image pipeline ({index.get('_class_name')}): give --prompts (a .txt file "
@@ -151,31 +183,32 @@ def _pipeline(
     timestep = (
         json.loads((folder / "disback.json").read_text())["timestep"] if (folder / "disback.json").is_file() else 399
     )
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def prompts_of(first: int, count: int) -> list[str]:
+        return [texts[i % len(texts)] for i in range(first, first + count)]
 
     def draw_text(first: int, count: int) -> torch.Tensor:
-        batch = [texts[i % len(texts)] for i in range(first, first + count)]
-        generator = torch.Generator().manual_seed(seed + first)
         return pipe(
-            prompt=batch,
+            prompt=prompts_of(first, count),
             num_inference_steps=1,
             guidance_scale=0,
             timesteps=[timestep],
-            generator=generator,
+            generator=[_sample_generator(seed, i) for i in range(first, first + count)],  # whatever the batch size
             output_type="pt",
         ).images
 
-    draw_text.prompts = [texts[i % len(texts)] for i in range(n)]  # type: ignore[attr-defined]
-    return "text", draw_text, None, None
+    return Target("text", draw_text, (3, size, size), prompts=prompts_of)
+
+
+def _sample_generator(seed: int, index: int) -> torch.Generator:
+    """One generator per sample index, so that sample i is the same whatever the batch size."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
 def _noise(first: int, count: int, shape: tuple[int, ...] | list[int], seed: int) -> torch.Tensor:
-    """The same noise for sample i whatever the batch size: one generator per sample index."""
-    return torch.stack(
-        [
-            torch.randn(*shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-            for i in range(first, first + count)
-        ]
-    )
+    """The same noise for sample i whatever the batch size."""
+    return torch.stack([torch.randn(*shape, generator=_sample_generator(seed, i)) for i in range(first, first + count)])
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -208,75 +241,123 @@ def _run_config(file: Path, meta: ModelMeta) -> Config:
 # ---------------------------------------------------------------- the measures
 
 
-def _points(samples: np.ndarray, cfg: Config, n: int) -> dict[str, Any]:
-    from disback.metrics.points import PointMetrics
+class _Points:
+    """SWD and MMD of points against the run's reference (points are small: they are kept)."""
 
-    data = load_data(cfg.data, cfg.seed)
-    values = PointMetrics(data.reference, cfg.eval.projections, data.modes, data.mode_std)(samples)
-    return {
-        "measure": "swd",
-        "value": values["swd"],
-        "values": values,
-        "network": {"name": "no feature network", "sha256": None},
-        "reference": {"data": data.name, "n": len(data.reference)},
-    }
+    def __init__(self, cfg: Config) -> None:
+        from disback.metrics.points import PointMetrics
+
+        self.data = load_data(cfg.data, cfg.seed)
+        self.metrics = PointMetrics(self.data.reference, cfg.eval.projections, self.data.modes, self.data.mode_std)
+        self.samples: list[np.ndarray] = []
+
+    def add(self, samples: torch.Tensor, first: int) -> None:
+        self.samples.append(samples.numpy())
+
+    def result(self) -> dict[str, Any]:
+        values = self.metrics(np.concatenate(self.samples))
+        return {
+            "measure": "swd",
+            "value": values["swd"],
+            "values": values,
+            "network": {"name": "no feature network", "sha256": None},
+            "reference": {"data": self.data.name, "n": len(self.data.reference)},
+        }
 
 
-def _fid(samples: torch.Tensor, cfg: Config | None, ref: Path | None, features: str) -> dict[str, Any]:
-    data = load_data(cfg.data, cfg.seed) if cfg is not None else None
-    if ref is None and data is None:
-        raise DisbackError(
-            "an exported pipeline has no data to compare with: give --ref (an .npz of mu/sigma as EDM's "
-            "fid.py ref writes it, or a folder / .npz of images)"
+class _Fid:
+    """The Fréchet distance in a feature network's space; the features' statistics are accumulated batch by batch."""
+
+    def __init__(self, what: Target, n: int, ref: Path | None, features: str) -> None:
+        cfg = what.cfg
+        data = load_data(cfg.data, cfg.seed) if cfg is not None else None
+        if ref is None and data is None:
+            raise DisbackError(
+                "an exported pipeline has no data to compare with: give --ref (an .npz of mu/sigma as EDM's "
+                "fid.py ref writes it, or a folder / .npz of images) and --features inception=FILE"
+            )
+        if features == "classifier" and data is None:
+            raise DisbackError(
+                "the classifier features are trained on the run's data set, which an exported pipeline does not "
+                "name; give --features inception=FILE"
+            )
+        fn, info = image_features(
+            features,
+            None if data is None else data.train,
+            None if data is None else data.labels,
+            cfg.eval.classifier_steps if cfg is not None else 1500,
         )
-    if features == "classifier" and data is None:
-        raise DisbackError(
-            "the classifier features are trained on the run's data set, which an exported pipeline does not "
-            "name; give --features inception=FILE"
+        self.metrics = ImageMetrics((np.zeros(1), np.eye(1)), fn, info)  # its reference comes next
+        if ref is None:
+            self.metrics.ref_stats = statistics(self.metrics.embed(data.reference))
+            self.reference: dict[str, Any] = {"data": data.name, "n": len(data.reference)}
+        else:
+            self.metrics.ref_stats, self.reference = _reference(Path(ref), self.metrics, what.shape)
+        dimension, fewest = len(self.metrics.ref_stats[0]), min(n, self.reference.get("n", n))
+        if fewest < dimension:
+            log.warning(
+                "FID from %d samples (reference: %s) of %d-d features is biased (a covariance of rank below its "
+                "size); the papers use 50,000 samples, 10,000 for quick checks",
+                n,
+                self.reference.get("n", "statistics"),
+                dimension,
+            )
+        self.stats, self.finite = RunningStatistics(), True
+
+    def add(self, samples: torch.Tensor, first: int) -> None:
+        if not torch.isfinite(samples).all():
+            self.finite = False
+        if self.finite:
+            self.stats.add(self.metrics.embed(samples.numpy()))
+
+    def result(self) -> dict[str, Any]:
+        value = frechet_distance(*self.stats.value(), *self.metrics.ref_stats) if self.finite else float("nan")
+        info = self.metrics.info
+        name = {"inception": "inception", "plugged": f"plugged {info.get('spec')}"}.get(
+            info["task"], "classifier (not Inception FID)"
         )
-    fn, info = image_features(
-        features,
-        None if data is None else data.train,
-        None if data is None else data.labels,
-        cfg.eval.classifier_steps if cfg is not None else 1500,
-    )
-    metrics = ImageMetrics((np.zeros(1), np.eye(1)), fn, info)  # its reference comes next
-    if ref is None:
-        metrics.ref_stats, reference = (
-            statistics(metrics.embed(data.reference)),
-            {"data": data.name, "n": len(data.reference)},
-        )
-    else:
-        metrics.ref_stats, reference = _reference(Path(ref), metrics, tuple(samples.shape[1:]))
-    dimension, fewest = len(metrics.ref_stats[0]), min(len(samples), reference.get("n", len(samples)))
-    if fewest < dimension:
-        log.warning(
-            "FID from %d samples (reference: %s) of %d-d features is biased (a covariance of rank below its size); "
-            "the papers use 50,000 samples, 10,000 for quick checks",
-            len(samples),
-            reference.get("n", "statistics"),
-            dimension,
-        )
-    value = metrics(samples.numpy())["fid"]
-    name = {"inception": "inception", "plugged": f"plugged {info.get('spec')}"}.get(
-        info["task"], "classifier (not Inception FID)"
-    )
-    network = {"name": name, **{k: v for k, v in info.items() if k in ("file", "sha256", "spec", "accuracy", "task")}}
-    if "sha256" not in network and info.get("file"):
-        network["sha256"] = sha256_file(info["file"])
-    return {"measure": "fid", "value": value, "network": network, "reference": reference}
+        keep = ("file", "sha256", "spec", "accuracy", "task")
+        network = {"name": name, **{k: v for k, v in info.items() if k in keep}}
+        if "sha256" not in network and info.get("file"):
+            network["sha256"] = sha256_file(info["file"])
+        return {"measure": "fid", "value": value, "network": network, "reference": self.reference}
+
+
+class _Clip:
+    """100 x the mean cosine similarity of each image with its prompt."""
+
+    def __init__(self, spec: str, prompts: Callable[[int, int], list[str]] | None) -> None:
+        from disback.metrics.clip import ClipScore
+
+        self.score, self.prompts, self.sims = ClipScore(spec), prompts, []
+        self.seen: set[str] = set()
+
+    def add(self, images: torch.Tensor, first: int) -> None:
+        texts = self.prompts(first, len(images))
+        self.seen.update(texts)
+        for i in range(0, len(images), 64):
+            self.sims.append(self.score.similarities(images[i : i + 64], texts[i : i + 64]))
+
+    def result(self) -> dict[str, Any]:
+        info = self.score.info
+        return {
+            "measure": "clip_score",
+            "value": 100.0 * float(torch.cat(self.sims).mean()),
+            "network": {"name": f"CLIP {info['model']}", **info},
+            "reference": {"prompts": len(self.seen)},
+        }
 
 
 def _reference(ref: Path, metrics: ImageMetrics, shape: tuple[int, ...]) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """Reference statistics from an .npz of mu/sigma, or from images (a folder or an .npz), embedded once at the
     generated images' size and cached in $DISBACK_CACHE for reuse."""
-    if ref.suffix == ".npz" and _holds_stats(ref):
-        dimension = metrics.embed(np.zeros((2, *shape), dtype=np.float32)).shape[1]
-        return reference_stats(ref, dimension), {"stats": str(ref), "sha256": sha256_file(ref)}
     if not ref.exists():
         raise DisbackError(f"reference {ref} does not exist; give an .npz of mu/sigma, or a folder / .npz of images")
+    if ref.suffix == ".npz" and _holds_stats(ref):
+        dimension = metrics.embed(np.zeros((2, *shape), dtype=np.float32)).shape[1]
+        return reference_stats(ref, dimension), {"stats": str(ref), "sha256": sha256_file(ref), **_count(ref)}
     network = metrics.info.get("sha256") or metrics.info.get("file") or metrics.info.get("spec")
-    source = sha256_file(ref) if ref.is_file() else "|".join(sorted(str(p.relative_to(ref)) for p in ref.rglob("*")))
+    source = sha256_file(ref) if ref.is_file() else _folder_fingerprint(ref)
     key = hashlib.sha256(f"{source}|{network}|{shape}".encode()).hexdigest()[:16]
     cached = cache_dir() / f"ref-{key}.npz"
     if not cached.is_file():
@@ -286,7 +367,7 @@ def _reference(ref: Path, metrics: ImageMetrics, shape: tuple[int, ...]) -> tupl
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                np.savez(fh, mu=mu, sigma=sigma)
+                np.savez(fh, mu=mu, sigma=sigma, n=len(images))  # n: the images they come from
 
         atomic_write(cached, write)
         log.warning(
@@ -296,27 +377,28 @@ def _reference(ref: Path, metrics: ImageMetrics, shape: tuple[int, ...]) -> tupl
             cached,
             cached,
         )
-    return reference_stats(cached), {"images": str(ref), "stats": str(cached)}
+    return reference_stats(cached), {"images": str(ref), "stats": str(cached), **_count(cached)}
+
+
+def _count(stats: Path) -> dict[str, int]:
+    """How many images the statistics come from, where the file says (disback's cache does; EDM's files do not)."""
+    with np.load(stats, allow_pickle=False) as z:
+        return {"n": int(z["n"])} if "n" in z.files and z["n"].ndim == 0 else {}
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """A folder of images by each file's name, size and modification time: replacing an image is a new reference."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return "|".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
 def _holds_stats(file: Path) -> bool:
-    """An .npz of statistics (mu, sigma), not of images (reference_stats names what is wrong with a bad one)."""
+    """An .npz of statistics (mu and sigma, or one of them: reference_stats names what is missing) or one holding no
+    image array, rather than an .npz of images (one 3-d or 4-d array)."""
     try:
         with np.load(file, allow_pickle=False) as z:
-            return not any(k in z.files for k in ("images", "arr_0")) or "mu" in z.files
+            if "mu" in z.files or "sigma" in z.files:
+                return True
+            return not any(z[k].ndim in (3, 4) for k in z.files)
     except (OSError, ValueError):
         return True
-
-
-def _clip(images: torch.Tensor, spec: str, prompts: list[str]) -> dict[str, Any]:
-    from disback.metrics.clip import ClipScore
-
-    score = ClipScore(spec)
-    sims = torch.cat([score.similarities(images[i : i + 64], prompts[i : i + 64]) for i in range(0, len(images), 64)])
-    info = score.info
-    return {
-        "measure": "clip_score",
-        "value": 100.0 * float(sims.mean()),
-        "network": {"name": f"CLIP {info['model']}", **info},
-        "reference": {"prompts": len(set(prompts))},
-    }

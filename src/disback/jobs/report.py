@@ -148,12 +148,23 @@ def table(summary: Summary) -> str:
             f"{sp.speedup_with_stage1:.2f}x with stage-1 steps counted, {sp.speedup_wall_with_stage1:.2f}x in wall time with stage 1."
         )
     if summary.features:
-        f = summary.features
-        note += (
-            f"\n\nfid is a Fréchet distance on the features of a small CNN trained on this data set ({f['task']}, held-out "
-            f"accuracy {f.get('accuracy', float('nan')):.3f}); it is NOT Inception FID and compares only with itself."
-        )
+        note += "\n\n" + features_note(summary.features, summary.budgets.eval_samples)
     return "\n".join(lines) + "\n\n" + note
+
+
+def features_note(f: dict[str, Any], samples: int) -> str:
+    """What the run's fid is: Inception FID, a plugged feature network's, or the offline classifier's."""
+    if f.get("task") == "inception":
+        return (
+            f"fid is Inception FID (inception-2015-12-05.pt, sha256 {str(f.get('sha256'))[:12]}...) against the held-out "
+            f"images, from {samples} samples: the papers use 50,000 (`disback eval`), and FID from fewer is biased upward."
+        )
+    if f.get("task") == "plugged":
+        return f"fid is a Fréchet distance on the features of {f.get('spec')} (eval.features), against the held-out images."
+    return (
+        f"fid is a Fréchet distance on the features of a small CNN trained on this data set ({f.get('task')}, held-out "
+        f"accuracy {f.get('accuracy', float('nan')):.3f}); it is NOT Inception FID and compares only with itself."
+    )
 
 
 def factor_table(summary: Summary) -> str:
@@ -234,6 +245,9 @@ def write_report(out: Path) -> str:
     plot_samples(out, out / "samples.png")
     b = summary.budgets
     kind = "images" if summary.measure == "fid" else "points"
+    measures = MEASURES_TEXT[kind]
+    if kind == "images" and (summary.features or {}).get("task") in ("inception", "plugged"):
+        measures = "- " + features_note(summary.features, b.eval_samples)
     text = f"""# DisBack demo on `{summary.data}` (seed {summary.seed})
 
 {table(summary)}
@@ -274,7 +288,7 @@ it denoises them worse, below 1 better (samples collapsed where its density is h
   iterations on {b.eval_samples} samples from fixed noise.
 
 ## Measures
-{MEASURES_TEXT[kind]}
+{measures}
 - "Iterations to threshold" is the first evaluated generator iteration whose {summary.measure} is at most the threshold;
   "never" means not within the budget. Wall time counts training only (not evaluation), stage 1 included for DisBack.
 """

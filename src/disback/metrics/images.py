@@ -46,6 +46,28 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+class RunningStatistics:
+    """(mu, sigma) of features that arrive a batch at a time, as EDM's fid.py accumulates them: the sum and the sum of
+    outer products in float64, so that 50,000 samples never have to be held at once."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.outer = 0, None, None
+
+    def add(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if self.total is None:
+            self.total, self.outer = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        self.n += len(f)
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+
+    def value(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise DisbackError(f"statistics need at least 2 samples, got {self.n}")
+        mu = self.total / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
 class SmallCNN(nn.Module):
     """Three convolutions and a global average: 128 features, for images from 8x8 up."""
 

@@ -3,13 +3,15 @@ TensorFlow's Inception (``inception-2015-12-05.pt``), fed uint8 NCHW images with
 ``return_features=True`` for its 2048 pool features. It resizes to 299 x 299 itself, so images go in at the
 resolution the reference statistics were computed at.
 
-The network file comes from a local path, or from a URL downloaded once into ``$DISBACK_CACHE`` (a ``#sha256=...``
-fragment on the URL is checked; either way the file's sha256 is recorded with every measurement).
+The network file comes from a local path, or from a URL downloaded once into ``$DISBACK_CACHE``; a ``#sha256=...``
+fragment on the URL is checked (without one, a warning says the file is unverified), and either way the file's
+sha256 is recorded with every measurement.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import urllib.parse
 import urllib.request
 import warnings
@@ -21,6 +23,7 @@ import torch
 from disback.errors import DisbackError
 from disback.storage.files import atomic_write, sha256_file
 
+log = logging.getLogger(__name__)
 URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 DIMENSION = 2048
 
@@ -37,9 +40,9 @@ def fetch(spec: str, cache: Path) -> tuple[Path, str]:
             )
         return path, sha256_file(path)
     expected = urllib.parse.parse_qs(parsed.fragment).get("sha256", [None])[0]
-    file = cache / Path(parsed.path).name
+    url = urllib.parse.urlunparse(parsed._replace(fragment=""))
+    file = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{Path(parsed.path).name}"  # one file per URL
     if not file.is_file():
-        url = urllib.parse.urlunparse(parsed._replace(fragment=""))
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
                 data = response.read()
@@ -52,6 +55,8 @@ def fetch(spec: str, cache: Path) -> tuple[Path, str]:
             raise DisbackError(f"{url} downloaded with sha256 {actual[:12]}..., not the {expected[:12]}... asked for")
         atomic_write(file, lambda tmp: tmp.write_bytes(data))
     digest = sha256_file(file)
+    if not expected:
+        log.warning("%s: sha256 %s recorded, not verified; add #sha256=HEX to the URL to have it checked", spec, digest)
     if expected and digest != expected:
         raise DisbackError(
             f"{file} (cached from {spec}) has sha256 {digest[:12]}..., not {expected[:12]}...; delete it"
@@ -74,10 +79,18 @@ class InceptionFeatures:
                 f"{self.file} is not a TorchScript network that torch.jit.load reads ({first}); give "
                 f"StyleGAN2-ADA's inception-2015-12-05.pt ({URL})"
             ) from None
-        probe = self(torch.zeros(2, 3, 32, 32))
-        if probe.ndim != 2 or probe.shape[1] != DIMENSION:
+        try:
+            probe = self(torch.zeros(2, 3, 32, 32))
+        except Exception as exc:  # a scripted network of another calling convention fails in its own way
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DisbackError(
-                f"{self.file} returns features of shape {tuple(probe.shape[1:])} with return_features=True, not "
+                f"{self.file} cannot be called as Inception is (uint8 images, return_features=True): {first}; "
+                f"give StyleGAN2-ADA's inception-2015-12-05.pt ({URL})"
+            ) from None
+        if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[1] != DIMENSION:
+            got = tuple(probe.shape[1:]) if isinstance(probe, torch.Tensor) else type(probe).__name__
+            raise DisbackError(
+                f"{self.file} returns features of shape {got} with return_features=True, not "
                 f"({DIMENSION},): it is not the Inception network FID is computed with"
             )
 
@@ -86,7 +99,8 @@ class InceptionFeatures:
         x = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # the uint8 images EDM's fid.py feeds it
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        return self.net(x.to(self.device), return_features=True).float().cpu()
+        out = self.net(x.to(self.device), return_features=True)
+        return out.float().cpu() if isinstance(out, torch.Tensor) else out
 
     @property
     def info(self) -> dict[str, Any]:

@@ -11,11 +11,12 @@ and the sharding check.
 
 from disback.stages.degrade import load_path_for, record_path
 from disback.stages.distill import distill
-from disback.stages.starts import convert_start, start_far
+from disback.stages.starts import check_starts, convert_start, start_far
 from disback.stages.teacher import adopt_teacher, import_teacher, train_teacher
 
 __all__ = [
     "adopt_teacher",
+    "check_starts",
     "convert_start",
     "distill",
     "import_teacher",

@@ -34,8 +34,8 @@ from disback.stages.common import (
     resolve_teacher,
 )
 from disback.stages.runtime import accelerator, sharded, speed_up
-from disback.stages.starts import StartPoint, keep_start, start_from
-from disback.storage.external import load_start, read_start
+from disback.stages.starts import StartPoint, check_start, keep_start, start_from
+from disback.storage.external import load_start
 from disback.storage.files import save_array, sha256_file, write_json
 from disback.storage.kinds import kind_of
 from disback.storage.models import generator_from_teacher, save_model
@@ -82,7 +82,7 @@ def distill(
     net = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
     start = start_from(net, generator, "generator", meta, cfg)
     check_path_start(path, start)
-    fake_start = read_start(fake, "denoiser") if fake is not None else None
+    fake_start = check_start(fake, "denoiser", teacher, meta, cfg)
     inputs = {"teacher_sha256": teacher_sha, "nodes_sha256": [n.sha256 for n in path.nodes]}
     inputs.update({"generator_sha256": start.meta.origin["sha256"]} if start else {})
     inputs.update({"fake_sha256": fake_start.origin["sha256"]} if fake_start else {})

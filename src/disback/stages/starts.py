@@ -5,6 +5,7 @@ teacher, measured before training (disback.method.mismatch)."""
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ import torch
 
 from disback.config import Config
 from disback.data import Data
+from disback.method.lora import Adapted
 from disback.method.mismatch import score_mismatch
 from disback.method.path import DegradationPath
 from disback.stages.common import check_data_matches, eval_noise, in_batches, load_teacher
 from disback.stages.runtime import accelerator
-from disback.storage.external import load_start, read_start
+from disback.storage.external import Start, load_start, read_start
+from disback.storage.kinds import kind_of
 from disback.storage.meta import ModelMeta
 from disback.storage.models import generator_from_teacher, save_model
 
@@ -44,6 +47,38 @@ def start_from(
     rank = cfg.network.lora_rank if role == "denoiser" else 0
     meta = load_start(network, start, teacher, sigma_g=cfg.distill.sigma_g, lora_rank=rank)
     return StartPoint(meta, start.file if start.fmt == "disback" else None)
+
+
+def check_start(source: Path | None, role: str, teacher: torch.nn.Module, meta: ModelMeta, cfg: Config) -> Start | None:
+    """``source`` read and checked against the teacher and the run's settings, without loading it anywhere or writing
+    anything (the network it is checked against shares the teacher's tensors)."""
+    if source is None:
+        return None
+    start = read_start(source, role)
+    rank = cfg.network.lora_rank if role == "denoiser" else 0
+    shell = copy.deepcopy(teacher, {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())})
+    with torch.random.fork_rng(devices=[]):  # LoRA adapters draw their initial weights: the run's RNG stays as it is
+        if role == "generator":
+            network = kind_of(meta).generator(shell, meta, cfg.distill.sigma_g)
+        else:
+            network = Adapted(shell, rank) if rank else shell
+    load_start(network, start, meta, sigma_g=cfg.distill.sigma_g, lora_rank=rank, check_only=True)
+    return start
+
+
+def check_starts(cfg: Config, teacher_file: Path | None, generator: Path | None, fake: Path | None) -> None:
+    """What a job starts from (``--generator``, ``--fake``), checked before it writes anything: read, and with a teacher
+    file made before, checked against it (a teacher the job makes itself is checked against once it exists)."""
+    if generator is None and fake is None:
+        return
+    if teacher_file is None:
+        for source, role in ((generator, "generator"), (fake, "denoiser")):
+            if source is not None:
+                read_start(source, role)
+        return
+    teacher, meta = load_teacher(teacher_file)
+    check_start(generator, "generator", teacher, meta, cfg)
+    check_start(fake, "denoiser", teacher, meta, cfg)
 
 
 def keep_start(network: torch.nn.Module, start: StartPoint | None, out: Path) -> dict[str, Any] | None:

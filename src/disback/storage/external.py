@@ -11,20 +11,18 @@ and shapes must match exactly, and half-precision weights are upcast. Every chec
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from disback.errors import DisbackError
 from disback.storage.files import sha256_file
 from disback.storage.meta import ModelMeta, read_meta
-from disback.storage.weights import load_state, read_metadata
+from disback.storage.weights import check_state, load_state, read_metadata
 
 RUN_FILES = {"generator": "generator.safetensors", "denoiser": "fake.safetensors"}  # what a run folder holds
 UNET_WEIGHTS = (
@@ -33,6 +31,8 @@ UNET_WEIGHTS = (
     "diffusion_pytorch_model.bin",
     "diffusion_pytorch_model.fp16.bin",
 )
+# save_pretrained splits a UNet above its max_shard_size (10 GB: an fp32 SDXL UNet) into shards listed in an index
+SHARD_INDEXES = tuple(f"{w}.index.json" for w in UNET_WEIGHTS)
 ACCEPTED = (
     "a disback generator.safetensors / fake.safetensors, a run folder, a diffusers pipeline folder, a diffusers "
     "UNet folder, or a UNet state dict (.safetensors or .bin)"
@@ -68,7 +68,7 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(file))
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, SafetensorError, OSError, EOFError, ValueError) as exc:
+    except Exception as exc:  # a file that is not a safe state dict fails in many ways (KeyError for random bytes)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DisbackError(
             f"{file} is not a state dict of tensors that can be read safely ({first}); disback reads "
@@ -85,6 +85,26 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
             "its own: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}"
         )
     return state
+
+
+def unet_weights(folder: Path) -> tuple[Path, list[Path]]:
+    """A diffusers UNet folder's weights: (the file that names them, the files that hold them): one file, or the
+    index of a sharded save and its shards."""
+    for name in UNET_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name, [folder / name]
+    for name in SHARD_INDEXES:
+        index = folder / name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise DisbackError(f"{index} is not a shard index with a weight_map ({exc})") from None
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise DisbackError(f"{index} names shards that are not in {folder}: {', '.join(missing[:3])}")
+            return index, [folder / n for n in names]
+    raise DisbackError(f"{folder} has a config.json but no weights ({', '.join(UNET_WEIGHTS + SHARD_INDEXES)})")
 
 
 def unet_of(network: nn.Module, where: Path) -> nn.Module:
@@ -146,12 +166,10 @@ def read_start(source: Path, role: str) -> Start:
     meta = read_meta(found) if fmt == "disback" else None
     if meta is not None and meta.role != role:
         raise DisbackError(f"{found} is a {meta.role}, and a {role} is wanted here")
-    weights = found
-    if fmt == "unet-folder":
-        weights = next((found / w for w in UNET_WEIGHTS if (found / w).is_file()), None)
-        if weights is None:
-            raise DisbackError(f"{found} has a config.json but no weights ({', '.join(UNET_WEIGHTS)})")
-    state = read_state_dict(weights)
+    weights, shards = (found, [found]) if fmt != "unet-folder" else unet_weights(found)
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(read_state_dict(shard))
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
     origin = {
         "source": str(Path(source).resolve()),
@@ -160,39 +178,53 @@ def read_start(source: Path, role: str) -> Start:
         "sha256": sha256_file(weights),
         "dtype": dtypes,
     }
+    if shards != [weights]:  # a sharded folder: the index's sha256 above, and each shard's
+        origin["shards"] = {p.name: sha256_file(p) for p in shards}
     if meta is not None and meta.origin:  # a file converted before keeps the origin of what it was converted from
         origin = meta.origin
     return Start(Path(source), role, fmt, Path(found if fmt == "unet-folder" else weights), upcast(state), meta, origin)
 
 
 def load_start(
-    network: nn.Module, start: Start, teacher_meta: ModelMeta, *, sigma_g: float, lora_rank: int = 0
+    network: nn.Module,
+    start: Start,
+    teacher_meta: ModelMeta,
+    *,
+    sigma_g: float,
+    lora_rank: int = 0,
+    check_only: bool = False,
 ) -> ModelMeta:
     """Load ``start`` into ``network`` (a generator or a fake score built on the teacher) after checking that it was made
-    for this teacher and these settings; returns the description of the loaded network, its origin included."""
+    for this teacher and these settings; returns the description of the loaded network, its origin included. With
+    ``check_only``, every check runs and nothing is copied."""
     wanted = teacher_meta.as_generator(sigma_g) if start.role == "generator" else teacher_meta.as_adapters(lora_rank)
     if start.fmt == "disback":
         _check_same_teacher(start, wanted)
-        load_state(network, start.state, start.file)
-        return replace(wanted, origin=start.origin)
+        (check_state if check_only else load_state)(network, start.state, start.file)
+    else:
+        fit_unet(unet_of(network, start.file), start, sigma_g=sigma_g, lora_rank=lora_rank, check_only=check_only)
+    return replace(wanted, origin=start.origin)
+
+
+def fit_unet(unet: nn.Module, start: Start, *, sigma_g: float, lora_rank: int = 0, check_only: bool = False) -> None:
+    """A UNet folder or state dict into the teacher's diffusers UNet (``unet`` may live on the meta device when
+    ``check_only``). A bare state dict does not record its resolution (a UNet's weights do not depend on it); a UNet
+    folder's config does, and is checked."""
     if start.role == "denoiser" and lora_rank:
         raise DisbackError(
             f"{start.source} is a whole UNet, and with network.lora_rank={lora_rank} the fake score is LoRA "
             "adapters on the teacher; give the fake.safetensors of a LoRA run of that rank, or set "
             "network.lora_rank=0"
         )
-    unet = unet_of(network, start.file)
     if start.fmt == "unet-folder":
         check_unet_config(start.file, unet)
         _check_pipeline(start.file.parent if start.file.name == "unet" else start.file, start.role, sigma_g)
     try:
-        load_state(unet, start.state, Path(start.origin["file"]))
+        (check_state if check_only else load_state)(unet, start.state, Path(start.origin["file"]))
     except DisbackError as exc:
         raise DisbackError(
-            f"{exc} The teacher's UNet is a {type(unet).__name__} ({teacher_meta.source or 'trained here'}): "
-            "is this a UNet of another model?"
+            f"{exc} The teacher's UNet is a {type(unet).__name__}: is this a UNet of another model?"
         ) from None
-    return replace(wanted, origin=start.origin)
 
 
 def _check_same_teacher(start: Start, wanted: ModelMeta) -> None:

@@ -66,6 +66,13 @@ def read_weights(path: Path, sha256: str | None = None) -> dict[str, torch.Tenso
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Copy ``state`` (read from ``path``) into ``module``: every key and every shape must match."""
+    check_state(module, state, path)
+    module.load_state_dict(state, strict=True)
+
+
+def check_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """That ``state`` (read from ``path``) has exactly ``module``'s keys and shapes; nothing is copied, so ``module``
+    may live on the meta device."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -88,4 +95,3 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
             )
             + ". Was it written for a different network config?"
         )
-    module.load_state_dict(state, strict=True)

@@ -8,7 +8,7 @@ text model file load anywhere).
 
 from disback.storage.kinds import ModelKind, register_kind
 from disback.text.captions import encode_images, read_captions
-from disback.text.job import run_text
+from disback.text.job import check_text_starts, run_text
 from disback.text.networks import LCMGenerator, TextDenoiser, generator, guide, rebuild
 from disback.text.pipeline import export_text, import_text_teacher, sample_command
 from disback.text.prompts import Prompts, read_prompts
@@ -29,6 +29,7 @@ register_kind(
 
 __all__ = [
     "LCMGenerator",
+    "check_text_starts",
     "Prompts",
     "TextDenoiser",
     "encode_images",

@@ -22,7 +22,7 @@ from disback.storage.runfolder import begin_stage
 from disback.text.captions import read_captions
 from disback.text.measure import LatentClip
 from disback.text.pipeline import PROMPT_TEXTS, export_text, import_text_teacher
-from disback.text.prompts import read_prompts
+from disback.text.prompts import load_component, read_prompts
 from disback.text.report import write_text_report
 
 
@@ -47,6 +47,28 @@ def latent_data(meta: ModelMeta, folder: Path) -> Data:
     )
 
 
+def check_text_starts(cfg: Config, pipeline: str, generator: Path | None, fake: Path | None) -> None:
+    """``--generator`` and ``--fake`` read and, when they are UNet folders or state dicts, checked against the
+    pipeline's UNet (built from its config on the meta device: no weights, no memory) before anything is written or
+    imported. A disback model file is checked against the teacher once it is imported, before any stage runs."""
+    import torch
+
+    from disback.storage.external import fit_unet, read_start
+
+    starts = [read_start(source, role) for source, role in ((generator, "generator"), (fake, "denoiser")) if source]
+    unets = [start for start in starts if start.fmt != "disback"]
+    if not unets:
+        return
+    from diffusers import UNet2DConditionModel
+
+    config = load_component(UNet2DConditionModel.load_config, pipeline, "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    for start in unets:
+        rank = cfg.network.lora_rank if start.role == "denoiser" else 0
+        fit_unet(unet, start, sigma_g=cfg.distill.sigma_g, lora_rank=rank, check_only=True)
+
+
 def run_text(
     cfg: Config,
     pipeline: str,
@@ -69,6 +91,7 @@ def run_text(
             f"method {cfg.distill.method} needs real images for its GAN term: give --real captions.jsonl "
             '(lines {"image": ..., "prompt": ...}), or use --method dmd, vsd or sid'
         )
+    check_text_starts(cfg, pipeline, generator, fake)
     out = Path(out)
     real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
     begin_stage(

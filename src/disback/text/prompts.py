@@ -113,10 +113,13 @@ def _encode(
 
 
 def load_component(cls, pipeline: str, subfolder: str):
+    """``cls.from_pretrained`` (or ``load``, any loader taking a path and ``subfolder``) with one clear error."""
+    load = cls.from_pretrained if isinstance(cls, type) else cls
     try:
-        return cls.from_pretrained(pipeline, subfolder=subfolder)
+        return load(pipeline, subfolder=subfolder)
     except (OSError, ValueError) as exc:
+        name = cls.__name__ if isinstance(cls, type) else cls.__qualname__.split(".")[0]
         raise DisbackError(
-            f"cannot load {cls.__name__} from '{pipeline}' (subfolder '{subfolder}'): "
+            f"cannot load {name} from '{pipeline}' (subfolder '{subfolder}'): "
             f"{str(exc).splitlines()[0]}; give a Stable Diffusion pipeline folder or hub id"
         ) from None
