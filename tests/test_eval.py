@@ -280,6 +280,12 @@ def test_trackers_get_the_metrics_and_a_missing_package_says_what_to_install(tmp
     assert {"swd", "mmd", "loss_generator", "loss_fake", "wall_s"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("swd")] == [r["iteration"] for r in records]
     assert acc.Scalars("swd")[-1].value == pytest.approx(records[-1]["swd"], rel=1e-6)
+    import yaml  # the resolved config, as the tracker's hyperparameters
+
+    (hparams,) = (tmp_path / "d" / "tensorboard" / "distill").rglob("hparams.yml")
+    stored, resolved = yaml.safe_load(hparams.read_text()), yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())
+    assert stored["run.log_with"] == "tensorboard" and stored["distill.steps"] == resolved["distill"]["steps"]
+    assert stored["distill.method"] == resolved["distill"]["method"] and stored["seed"] == resolved["seed"]
     if __import__("importlib").util.find_spec("wandb") is None:
         assert main(["distill", "--teacher", str(t), "--out", str(tmp_path / "w"), "--set", "run.log_with=wandb"]) == 2
         assert "run.log_with=wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
