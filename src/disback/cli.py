@@ -244,8 +244,10 @@ def run(argv: list[str] | None = None) -> int:
 
     def settled(cfg: Config, teacher: Path | None = None) -> None:
         """--overwrite deletes the old run only once the new settings (and the inputs they name) have been checked."""
-        if getattr(args, "overwrite", False):
+        out = Path(args.out)
+        if getattr(args, "overwrite", False) and out.is_dir() and any(out.iterdir()):
             generator, fake = getattr(args, "generator", None), getattr(args, "fake", None)
+            # the job checks them again before it writes; here only when there is a run to lose
             if args.command == "text":
                 from disback.text import check_text_starts
 
@@ -254,7 +256,7 @@ def run(argv: list[str] | None = None) -> int:
                 from disback.stages import check_starts
 
                 check_starts(cfg, teacher, generator, fake)
-            clear_out(Path(args.out))
+            clear_out(out)
 
     if args.command == "demo":
         from disback.jobs.demo import run_demo
