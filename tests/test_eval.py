@@ -79,6 +79,19 @@ def test_inception_fid_is_zero_on_its_own_statistics_grows_with_a_shift_and_matc
     assert torch.equal(net(x), net(x.repeat(1, 3, 1, 1)))
 
 
+def test_running_statistics_equal_numpys_over_all_samples_at_once():
+    from disback.metrics.images import RunningStatistics
+
+    features = np.random.default_rng(0).normal(3.0, 2.0, (101, 5))
+    running = RunningStatistics()
+    for i in range(0, 101, 17):
+        running.add(features[i : i + 17])
+    mu, sigma = running.value()
+    assert np.allclose(mu, features.mean(0), atol=1e-12) and np.allclose(sigma, np.cov(features, rowvar=False))
+    with pytest.raises(DisbackError, match="at least 2 samples"):
+        RunningStatistics().value()
+
+
 def test_reference_statistics_round_trip_and_bad_ones_are_refused(tmp_path):
     mu, sigma = np.arange(4.0), np.eye(4) * 2
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
@@ -193,6 +206,8 @@ def test_eval_streams_batches_balances_classes_and_checks_inputs_before_drawing(
         assert message in capsys.readouterr().err
     assert main(["eval", str(pipeline), "--n", "1000000000", "--quiet", "--ref", str(ref)]) == 2
     assert "give --features inception=FILE" in capsys.readouterr().err
+    assert main(["eval", str(demo), "--n", "1", "--quiet"]) == 2
+    assert "needs at least 2 samples" in capsys.readouterr().err
 
 
 def test_inception_fid_in_the_training_loop(digits_run, tmp_path):
@@ -244,6 +259,13 @@ def test_inception_by_url_is_downloaded_once_and_checked(tmp_path, caplog):
         assert fetch(f"{url}#sha256={digest}", tmp_path / "cache") == (file, digest)
         assert fetch(url, tmp_path / "cache")[1] == digest  # no fragment: recorded, with a warning
         assert "not verified" in caplog.text
+        other = f"http://127.0.0.1:{server.server_port}/elsewhere/{net.name}"  # same file name, another URL
+        with pytest.raises(DisbackError, match="cannot download"):
+            fetch(other, tmp_path / "cache")
+        old = tmp_path / "old-cache"  # a file cached by its bare name is still used
+        old.mkdir()
+        (old / net.name).write_bytes(file.read_bytes())
+        assert fetch(f"{url}#sha256={digest}", old) == (old / net.name, digest)
     finally:
         server.shutdown()
     with warnings.catch_warnings():

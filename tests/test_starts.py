@@ -153,6 +153,19 @@ def test_a_sharded_diffusers_unet_folder_is_read_whole(student, tmp_path):
     assert origin["file"].endswith(".index.json") and len(origin["shards"]) > 1
     converted = load_file(str(tmp_path / "path" / "initial-generator.safetensors"))
     assert all(torch.equal(converted[f"denoiser.backbone.unet.{k}"], v) for k, v in unet.state_dict().items())
+    # the recorded sha256 identifies the weights, not the index (which is the same for any UNet of this architecture)
+    from disback.storage.external import read_start
+
+    with torch.no_grad():
+        unet.conv_in.weight.add_(1.0)
+    unet.save_pretrained(tmp_path / "other", max_shard_size="20KB")
+    unet.half().save_pretrained(tmp_path / "fp16", max_shard_size="20KB", variant="fp16")
+    assert (tmp_path / "other" / "diffusion_pytorch_model.safetensors.index.json").read_bytes() == (
+        tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json"
+    ).read_bytes()
+    assert read_start(tmp_path / "other", "generator").origin["sha256"] != origin["sha256"]
+    fp16 = read_start(tmp_path / "fp16", "generator")  # diffusers' variant names: ...safetensors.index.fp16.json
+    assert fp16.origin["file"].endswith("index.fp16.json") and fp16.origin["dtype"] == ["float16"]
 
 
 class NotATensor:

@@ -93,7 +93,8 @@ def _read_folder(folder: Path, channels: int) -> list[np.ndarray]:
 def _read_npz(path: Path, channels: int) -> list[np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            key = "images" if "images" in z.files else z.files[0]
+            # "images", else the first array of N x H x W or N x C x H x W (or N x H x W x C) images
+            key = "images" if "images" in z.files else next((k for k in z.files if z[k].ndim in (3, 4)), z.files[0])
             arr = z[key]
     except Exception as exc:
         raise DisbackError(f"cannot read {path}: {exc}") from None

@@ -269,6 +269,8 @@ class _Fid:
     """The Fréchet distance in a feature network's space; the features' statistics are accumulated batch by batch."""
 
     def __init__(self, what: Target, n: int, ref: Path | None, features: str) -> None:
+        if n < 2:
+            raise DisbackError(f"a Fréchet distance needs at least 2 samples (a covariance), got --n {n}")
         cfg = what.cfg
         data = load_data(cfg.data, cfg.seed) if cfg is not None else None
         if ref is None and data is None:

@@ -156,7 +156,7 @@ def features_note(f: dict[str, Any], samples: int) -> str:
     """What the run's fid is: Inception FID, a plugged feature network's, or the offline classifier's."""
     if f.get("task") == "inception":
         return (
-            f"fid is Inception FID (inception-2015-12-05.pt, sha256 {str(f.get('sha256'))[:12]}...) against the held-out "
+            f"fid is Inception FID (the TorchScript network of sha256 {str(f.get('sha256'))[:12]}...) against the held-out "
             f"images, from {samples} samples: the papers use 50,000 (`disback eval`), and FID from fewer is biased upward."
         )
     if f.get("task") == "plugged":

@@ -42,6 +42,8 @@ def fetch(spec: str, cache: Path) -> tuple[Path, str]:
     expected = urllib.parse.parse_qs(parsed.fragment).get("sha256", [None])[0]
     url = urllib.parse.urlunparse(parsed._replace(fragment=""))
     file = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{Path(parsed.path).name}"  # one file per URL
+    if not file.is_file() and (cache / Path(parsed.path).name).is_file():  # cached by its bare name before
+        file = cache / Path(parsed.path).name
     if not file.is_file():
         try:
             with urllib.request.urlopen(url, timeout=60) as response:

@@ -10,6 +10,7 @@ and shapes must match exactly, and half-precision weights are upcast. Every chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,14 +26,18 @@ from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.weights import check_state, load_state, read_metadata
 
 RUN_FILES = {"generator": "generator.safetensors", "denoiser": "fake.safetensors"}  # what a run folder holds
+# A UNet folder's weights in order of preference (full precision first): one file, or the index of a sharded save
+# (save_pretrained splits a UNet above max_shard_size, 10 GB: an fp32 SDXL UNet), with diffusers' variant names.
 UNET_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
     "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.safetensors.index.fp16.json",
     "diffusion_pytorch_model.fp16.bin",
+    "diffusion_pytorch_model.bin.index.fp16.json",
 )
-# save_pretrained splits a UNet above its max_shard_size (10 GB: an fp32 SDXL UNet) into shards listed in an index
-SHARD_INDEXES = tuple(f"{w}.index.json" for w in UNET_WEIGHTS)
 ACCEPTED = (
     "a disback generator.safetensors / fake.safetensors, a run folder, a diffusers pipeline folder, a diffusers "
     "UNet folder, or a UNet state dict (.safetensors or .bin)"
@@ -91,20 +96,20 @@ def unet_weights(folder: Path) -> tuple[Path, list[Path]]:
     """A diffusers UNet folder's weights: (the file that names them, the files that hold them): one file, or the
     index of a sharded save and its shards."""
     for name in UNET_WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name, [folder / name]
-    for name in SHARD_INDEXES:
-        index = folder / name
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError) as exc:
-                raise DisbackError(f"{index} is not a shard index with a weight_map ({exc})") from None
-            missing = [n for n in names if not (folder / n).is_file()]
-            if missing:
-                raise DisbackError(f"{index} names shards that are not in {folder}: {', '.join(missing[:3])}")
-            return index, [folder / n for n in names]
-    raise DisbackError(f"{folder} has a config.json but no weights ({', '.join(UNET_WEIGHTS + SHARD_INDEXES)})")
+        file = folder / name
+        if not file.is_file():
+            continue
+        if not name.endswith(".json"):
+            return file, [file]
+        try:
+            names = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise DisbackError(f"{file} is not a shard index with a weight_map ({exc})") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DisbackError(f"{file} names shards that are not in {folder}: {', '.join(missing[:3])}")
+        return file, [folder / n for n in names]
+    raise DisbackError(f"{folder} has a config.json but no weights ({', '.join(UNET_WEIGHTS)})")
 
 
 def unet_of(network: nn.Module, where: Path) -> nn.Module:
@@ -178,8 +183,10 @@ def read_start(source: Path, role: str) -> Start:
         "sha256": sha256_file(weights),
         "dtype": dtypes,
     }
-    if shards != [weights]:  # a sharded folder: the index's sha256 above, and each shard's
+    if shards != [weights]:  # sharded: the index names the shards, and the shards' own digests identify the weights
         origin["shards"] = {p.name: sha256_file(p) for p in shards}
+        listing = "".join(f"{name}:{digest}\n" for name, digest in sorted(origin["shards"].items()))
+        origin["sha256"] = hashlib.sha256(listing.encode()).hexdigest()
     if meta is not None and meta.origin:  # a file converted before keeps the origin of what it was converted from
         origin = meta.origin
     return Start(Path(source), role, fmt, Path(found if fmt == "unet-folder" else weights), upcast(state), meta, origin)

@@ -52,21 +52,21 @@ def check_text_starts(cfg: Config, pipeline: str, generator: Path | None, fake: 
     pipeline's UNet (built from its config on the meta device: no weights, no memory) before anything is written or
     imported. A disback model file is checked against the teacher once it is imported, before any stage runs."""
     import torch
+    from diffusers import UNet2DConditionModel
 
     from disback.storage.external import fit_unet, read_start
 
-    starts = [read_start(source, role) for source, role in ((generator, "generator"), (fake, "denoiser")) if source]
-    unets = [start for start in starts if start.fmt != "disback"]
-    if not unets:
+    if generator is None and fake is None:
         return
-    from diffusers import UNet2DConditionModel
-
     config = load_component(UNet2DConditionModel.load_config, pipeline, "unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    for start in unets:
-        rank = cfg.network.lora_rank if start.role == "denoiser" else 0
-        fit_unet(unet, start, sigma_g=cfg.distill.sigma_g, lora_rank=rank, check_only=True)
+    for source, role in ((generator, "generator"), (fake, "denoiser")):
+        start = read_start(source, role) if source is not None else None
+        if start is not None and start.fmt != "disback":
+            rank = cfg.network.lora_rank if role == "denoiser" else 0
+            fit_unet(unet, start, sigma_g=cfg.distill.sigma_g, lora_rank=rank, check_only=True)
+        del start  # one state dict in memory at a time
 
 
 def run_text(

@@ -118,7 +118,7 @@ def load_component(cls, pipeline: str, subfolder: str):
     try:
         return load(pipeline, subfolder=subfolder)
     except (OSError, ValueError) as exc:
-        name = cls.__name__ if isinstance(cls, type) else cls.__qualname__.split(".")[0]
+        name = getattr(cls, "__self__", cls).__name__  # a bound classmethod (e.g. load_config): its class
         raise DisbackError(
             f"cannot load {name} from '{pipeline}' (subfolder '{subfolder}'): "
             f"{str(exc).splitlines()[0]}; give a Stable Diffusion pipeline folder or hub id"
