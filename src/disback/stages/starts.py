@@ -56,15 +56,17 @@ def check_start(source: Path | None, role: str, teacher: torch.nn.Module, meta: 
         return None
     start = read_start(source, role)
     rank = cfg.network.lora_rank if role == "denoiser" else 0
-    shell = copy.deepcopy(teacher, {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())})
-    flags = [p.requires_grad for p in teacher.parameters()]  # Adapted freezes its base, which shares these
-    with torch.random.fork_rng(devices=[]):  # LoRA adapters draw their initial weights: the run's RNG stays as it is
-        if role == "generator":
-            network = kind_of(meta).generator(shell, meta, cfg.distill.sigma_g)
-        else:
-            network = Adapted(shell, rank) if rank else shell
-    for p, flag in zip(teacher.parameters(), flags):
-        p.requires_grad_(flag)
+    if role == "generator":  # new modules around the teacher's own tensors: the wrapper adds its keys
+        shell = copy.deepcopy(teacher, {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())})
+        network = kind_of(meta).generator(shell, meta, cfg.distill.sigma_g)
+    elif rank:
+        flags = [p.requires_grad for p in teacher.parameters()]  # Adapted freezes its base: the teacher
+        with torch.random.fork_rng(devices=[]):  # adapters draw their initial weights: the run's RNG stays as it is
+            network = Adapted(teacher, rank)
+        for p, flag in zip(teacher.parameters(), flags):
+            p.requires_grad_(flag)
+    else:
+        network = teacher  # a whole fake score has the teacher's keys and shapes
     load_start(network, start, meta, sigma_g=cfg.distill.sigma_g, lora_rank=rank, check_only=True)
     return start
 
