@@ -12,6 +12,7 @@ generator update, three networks (generator, fake score, frozen target). Models:
 adm64      the ADM ImageNet-64 UNet as diffusers' UNet2DModel (192/384/576/768 channels, 3 layers per block,
            attention at 32/16/8, 1000 classes; about 266M parameters in this form), batch 40
 sd15       Stable Diffusion 1.5's UNet2DConditionModel (860M) on 64x64x4 latents with 77x768 text embeddings, batch 8
+sdxl       SDXL's UNet2DConditionModel (2.57B, benchmarks/configs/sdxl/unet.json) on 128x128x4 latents, batch 16
 tiny, tiny-text   small versions of both, for a CPU
 
 Each configuration (ratio, reused samples, torch.compile, channels-last, gradient checkpointing, LoRA rank) reports
@@ -61,15 +62,23 @@ BENCH_META = ModelMeta(role="denoiser", kind="edm", shape=[1], normaliser={"mean
 
 
 class TextBackbone(nn.Module):
-    """A UNet2DConditionModel as an EDM backbone, with fixed random text embeddings (this benchmark needs no prompts)."""
+    """A UNet2DConditionModel as an EDM backbone, with fixed random text embeddings (this benchmark needs no prompts);
+    for SDXL's UNet also the pooled embedding and the size conditions."""
 
-    def __init__(self, unet: nn.Module, batch: int, tokens: int, width: int):
+    def __init__(self, unet: nn.Module, batch: int, tokens: int, width: int, pooled: int = 0):
         super().__init__()
         self.unet = unet
         self.register_buffer("context", torch.randn(batch, tokens, width), persistent=False)
+        self.register_buffer("pooled", torch.randn(batch, pooled) if pooled else None, persistent=False)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, c_noise * NOISE_SCALE, encoder_hidden_states=self.context[: len(x)].to(x.dtype)).sample
+        added = None
+        if self.pooled is not None:
+            size = 8.0 * x.shape[-1]
+            ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=x.device, dtype=x.dtype).expand(len(x), -1)
+            added = {"text_embeds": self.pooled[: len(x)].to(x.dtype), "time_ids": ids}
+        context = self.context[: len(x)].to(x.dtype)
+        return self.unet(x, c_noise * NOISE_SCALE, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
 
 def build(model: str, batch: int) -> tuple[nn.Module, tuple[int, ...], int]:
@@ -99,6 +108,10 @@ def build(model: str, batch: int) -> tuple[nn.Module, tuple[int, ...], int]:
             (3, 64 if big else 16, 64 if big else 16),
             1000 if big else 10,
         )
+    if model == "sdxl":  # the published config, as benchmarks/real_size.py builds the whole pipeline
+        config = json.loads((Path(__file__).parent / "configs" / "sdxl" / "unet.json").read_text())
+        unet = UNet2DConditionModel.from_config(config)
+        return EDMDenoiser(TextBackbone(unet, batch, 77, 2048, pooled=1280), EDM.sigma_data), (4, 128, 128), 0
     big = model == "sd15"
     unet = UNet2DConditionModel(
         sample_size=64 if big else 16,
@@ -449,7 +462,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", nargs="+", default=["adm64", "sd15"], choices=["adm64", "sd15", "tiny", "tiny-text"])
+    parser.add_argument(
+        "--model", nargs="+", default=["adm64", "sd15"], choices=["adm64", "sd15", "sdxl", "tiny", "tiny-text"]
+    )
     parser.add_argument("--ratio", nargs="+", type=int, default=[1, 5], help="fake-score updates per generator update")
     parser.add_argument("--channels-last", nargs="+", type=int, default=[0], help="0 and/or 1")
     parser.add_argument("--compile", nargs="+", type=int, default=[0], help="torch.compile the networks: 0 and/or 1")
@@ -472,7 +487,7 @@ def main() -> None:
     if args.table:
         print(table([json.loads(line) for line in open(args.table) if line.strip()]))
         return
-    batches = {"adm64": 40, "sd15": 8, "tiny": 8, "tiny-text": 4}
+    batches = {"adm64": 40, "sd15": 8, "sdxl": 16, "tiny": 8, "tiny-text": 4}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

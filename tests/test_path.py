@@ -168,6 +168,7 @@ def test_schedule_visits_every_node_in_order_ends_at_teacher_and_loads_each_exac
     visits = [n for i, n in enumerate(seen) if i == 0 or seen[i - 1] != n]
     assert visits[0] == 3 and visits == [3, 2, 1, 0], visits
     assert seen[-1] == 0 and task.schedule.at_teacher
+    assert len(task.switch_seconds) == len(task.switches) and all(0 <= s < 5 for s in task.switch_seconds)
     if kind == "fixed":
         assert task.switches == [3, 6, 9]
     else:

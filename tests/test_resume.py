@@ -333,3 +333,30 @@ def test_a_teacher_for_other_data_is_refused_before_training(tiny_teacher, tmp_p
     err = capsys.readouterr().err
     assert "takes samples of shape (2,)" in err and "has shape (3,)" in err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_checkpoint_every_zero_saves_none_and_a_negative_value_is_refused(tiny_teacher, tmp_path):
+    teacher_file, _ = tiny_teacher
+    cfg = tiny_config(network={"hidden": 64}, distill={"steps": 6}, run={"checkpoint_every": 0})
+    result = stages.distill(cfg, load_data(cfg.data, cfg.seed), teacher_file, None, tmp_path / "a", show_progress=False)
+    assert (tmp_path / "a" / "generator.safetensors").is_file() and result["records"][-1]["iteration"] == 6
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    with pytest.raises(DisbackError, match=r"'run.checkpoint_every' must be 0 \(no checkpoints\) or positive, got -1"):
+        tiny_config(run={"checkpoint_every": -1})
+
+
+def test_a_file_changed_in_place_is_hashed_again_and_a_settled_one_once(tmp_path, monkeypatch):
+    from disback.storage import files
+
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"a" * 1000)
+    first = files.sha256_file(file)
+    file.write_bytes(b"b" * 1000)  # same size, same inode, within the file system clock's tick
+    assert files.sha256_file(file) != first
+    old = time.time() - 60
+    os.utime(file, (old, old))  # a file last changed a minute ago: hashed once, then remembered
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(f) or real_open(f, *a, **k))
+    assert files.sha256_file(file) == files.sha256_file(file)
+    assert len(opened) == 1

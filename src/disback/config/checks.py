@@ -29,7 +29,7 @@ _POSITIVE = {
     "degrade": ["steps", "nodes", "batch", "lr"],
     "distill": ["steps", "batch", "lr_generator", "lr_fake", "sigma_g", "switch_every", "sigma_min", "sigma_max"],
     "eval": ["every", "projections", "threshold_factor", "classifier_steps"],
-    "run": ["checkpoint_every", "keep", "max_skipped"],
+    "run": ["keep", "max_skipped"],
 }
 
 _CHOICES = {
@@ -53,6 +53,11 @@ def validate(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section), key)
             if not value > 0:
                 raise DisbackError(f"'{section}.{key}' must be positive, got {value}; e.g. --set {section}.{key}=...")
+    if cfg.run.checkpoint_every < 0:
+        raise DisbackError(
+            f"'run.checkpoint_every' must be 0 (no checkpoints) or positive, got {cfg.run.checkpoint_every}; "
+            "e.g. --set run.checkpoint_every=500"
+        )
     _tracker(cfg)
     _teacher_and_stage1(cfg)
     _distillation(cfg)

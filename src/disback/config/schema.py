@@ -104,7 +104,9 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    checkpoint_every: int = 500  # steps between checkpoints of every stage (and one at its end); resume with --resume
+    checkpoint_every: int = 500  # steps between checkpoints of every stage (and one at its end); resume with --resume.
+    #                              0: none (a killed stage starts again; for short runs of large networks, where one
+    #                              checkpoint of the generator with its Adam states is 4x the network on disk)
     keep: int = 2  # checkpoints kept per stage; older ones are deleted only once a newer one is complete
     on_nonfinite: str = "stop"  # a non-finite loss: "stop" (an error; the last good checkpoint kept) or "skip"
     max_skipped: int = 20  # "skip": stop after this many consecutive skipped steps

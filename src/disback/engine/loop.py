@@ -83,6 +83,8 @@ def train_loop(
             "target_node": task.target_node(),
         }
         rec.update({f"loss_{k}": v for k, v in losses.items()})
+        if torch.cuda.is_available():  # the stage's peak so far: what a user sizes a GPU by
+            rec["gpu_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if state["skipped"]:
             rec["skipped_steps"] = state["skipped"]
         if evaluate is not None:
@@ -106,6 +108,8 @@ def train_loop(
             },
         )
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # from here on, this stage's (the networks it holds included)
     start = 1
     latest = checkpoints.latest() if (checkpoints is not None and resume) else None
     if latest is not None:

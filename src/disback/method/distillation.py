@@ -4,6 +4,7 @@ whose path is the teacher alone)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,7 @@ class Distillation:
         self.wrapped = Wrapped(prepared[0], prepared[1], prepared[2] if self.head is not None else None)
         self.opt_g, self.opt_f = prepared[-2], prepared[-1]
         self.switches: list[int] = []  # generator steps at which the target moved
+        self.switch_seconds: list[float] = []  # how long the loop waited at each switch of this process (timing only)
         self.steps_done = 0
 
     def target_node(self) -> int:
@@ -238,7 +240,11 @@ class Distillation:
         out = mean_across(out)  # the gap steers the schedule: every process must see the same value
         self.steps_done += 1
         if self.schedule.step(out["gap"]):
+            started = time.perf_counter()
             self.nodes.load(self.schedule.current, self.target)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copy into the target has landed
+            self.switch_seconds.append(round(time.perf_counter() - started, 4))
             self.nodes.prefetch(self.schedule.upcoming)
             self.switches.append(self.steps_done)
         return out

@@ -131,7 +131,7 @@ class DataSource:
 def loop_options(cfg: Config, out: Path, resume: bool) -> dict[str, Any]:
     """Checkpointing and the non-finite guard, as train_loop takes them."""
     return {
-        "checkpoints": Checkpoints(Path(out) / "checkpoints", cfg.run.keep),
+        "checkpoints": Checkpoints(Path(out) / "checkpoints", cfg.run.keep) if cfg.run.checkpoint_every else None,
         "checkpoint_every": cfg.run.checkpoint_every,
         "resume": resume,
         "guard": Guard(cfg.run.on_nonfinite, cfg.run.max_skipped),

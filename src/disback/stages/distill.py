@@ -151,7 +151,8 @@ def distill(
     save_array(out / "samples.npy", samples())
     save_model(generator, out / "generator.safetensors", meta.as_generator(d.sigma_g))
     save_model(fake, out / "fake.safetensors", meta.as_adapters(cfg.network.lora_rank))
-    result = {"switches": task.switches, "nodes": len(path)}
+    # switch_seconds: the loop's wait at each switch in this process (a resumed run times only its own)
+    result = {"switches": task.switches, "nodes": len(path), "switch_seconds": task.switch_seconds}
     write_json(out / RESULT, result)  # last: its presence marks the run as finished
     wait()
     return {**result, "records": records}

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,11 +53,24 @@ def save_array(path: Path, array) -> None:
     atomic_write(path, write)
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, for files last changed 2 s before hashing
+
+
 def sha256_file(path: Path) -> str:
+    """The file's sha256. A file whose last change was over 2 s before it was hashed is hashed once per process (an
+    SDXL teacher is 10 GB, and every stage checks it): any later change gets another mtime, however coarse the file
+    system's clock, so a changed file is always hashed again."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    settled = time.time() - st.st_mtime > 2.0
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+    if settled:
+        _DIGESTS[key] = digest.hexdigest()
     return digest.hexdigest()
 
 
