@@ -328,3 +328,27 @@ def test_a_redirected_run_logs_lines_not_a_progress_bar(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.startswith("teacher: ")]
     assert 15 <= len(lines) <= 25  # an evaluation every 15 of 300 steps (and a line a minute, if it took minutes)
     assert lines[-1].startswith("teacher: 300/300 (100%)")
+
+
+def test_eval_ref_gives_the_loop_fixed_reference_statistics(tmp_path):
+    """eval.ref: the loop's Fréchet distance is against given statistics (EDM's FID refs), not the held-out images."""
+    from disback.config import build_config
+    from disback.data import load_data
+    from disback.metrics import build_metrics
+
+    cfg = build_config("digits", overrides={"data": {"n_eval": 100}})
+    data = load_data(cfg.data, cfg.seed)
+    net = scripted(tmp_path)
+    features = InceptionFeatures(*fetch(str(net), tmp_path))
+    mu, sigma = statistics(ImageMetrics(data.reference, features, features.info).embed(data.train[:300]))
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    metrics = build_metrics(data, 8, f"inception={net}", reference=str(tmp_path / "ref.npz"))
+    samples = data.reference[:100]
+    expected = frechet_distance(*statistics(metrics.embed(samples)), mu, sigma)
+    assert metrics(samples)["fid"] == pytest.approx(expected, rel=1e-9)
+    assert metrics.info["reference"] == str(tmp_path / "ref.npz")
+    np.savez(tmp_path / "small.npz", mu=mu[:4], sigma=sigma[:4, :4])
+    with pytest.raises(DisbackError, match="statistics of 4-d features, and the feature network gives 2048"):
+        build_metrics(data, 8, f"inception={net}", reference=str(tmp_path / "small.npz"))
+    with pytest.raises(DisbackError, match="reference statistics .*none.npz does not exist"):
+        build_metrics(data, 8, f"inception={net}", reference=str(tmp_path / "none.npz"))

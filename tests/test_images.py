@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -94,6 +96,49 @@ def test_image_folder_npz_and_idx_inputs(tmp_path):
     header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape)
     (tmp_path / "x.gz").write_bytes(gzip.compress(header + images.tobytes()))
     np.testing.assert_array_equal(read_idx(tmp_path / "x.gz"), images)
+
+
+def edm_zip(path, n: int, size: int = 16, labels: bool = True, rgb: bool = True):
+    """A zip as NVlabs/edm's dataset_tool.py writes one: PNGs in numbered folders and dataset.json with labels."""
+    rng = np.random.default_rng(0)
+    names, classes = [f"{i // 10:05d}/img{i:08d}.png" for i in range(n)], [int(i % 3) for i in range(n)]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, label in zip(names, classes):
+            pixels = np.full((size, size, 3) if rgb else (size, size), 40 * label, dtype=np.uint8)
+            pixels = pixels + rng.integers(0, 20, pixels.shape, dtype=np.uint8)
+            z.writestr(name, _png_bytes(pixels))
+        z.writestr("dataset.json", json.dumps({"labels": [[f, c] for f, c in zip(names, classes)] if labels else None}))
+    return path
+
+
+def test_an_edm_dataset_zip_gives_images_resized_and_their_labels(tmp_path):
+    cfg = build_config("digits").data
+    cfg.name = str(edm_zip(tmp_path / "data.zip", 30))
+    data = load_data(cfg, 0)
+    assert data.shape == (1, 8, 8) and len(data.train) + len(data.reference) == 30
+    # each image's label follows it through the shuffle: the class sets the brightness
+    brightness = data.train.mean((1, 2, 3))
+    assert set(data.labels.tolist()) == {0, 1, 2}
+    assert all(abs(b * 255 - 40 * c - 10) < 6 for b, c in zip(brightness, data.labels)), (brightness, data.labels)
+    cfg.name = str(edm_zip(tmp_path / "unlabelled.zip", 25, labels=False))
+    assert load_data(cfg, 0).labels is None
+    with zipfile.ZipFile(tmp_path / "partial.zip", "w") as z:
+        for i in range(25):
+            z.writestr(f"img{i}.png", _png_bytes(np.zeros((8, 8), dtype=np.uint8)))
+        z.writestr("dataset.json", json.dumps({"labels": [["img0.png", 1]]}))
+    cfg.name = str(tmp_path / "partial.zip")
+    with pytest.raises(DisbackError, match="gives no label for 24 images"):
+        load_data(cfg, 0)
+    (tmp_path / "bad.zip").write_bytes(b"not a zip at all")
+    cfg.name = str(tmp_path / "bad.zip")
+    with pytest.raises(DisbackError, match="cannot read .*bad.zip as a zip of images"):
+        load_data(cfg, 0)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="png")
+    return buffer.getvalue()
 
 
 def test_bad_image_inputs_give_clear_errors(tmp_path):

@@ -53,6 +53,12 @@ def validate(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section), key)
             if not value > 0:
                 raise DisbackError(f"'{section}.{key}' must be positive, got {value}; e.g. --set {section}.{key}=...")
+    e = cfg.edm
+    if e.s_churn < 0 or e.s_noise <= 0 or e.s_min > e.s_max:
+        raise DisbackError(
+            f"the stochastic sampler needs edm.s_churn >= 0, edm.s_noise > 0 and edm.s_min <= edm.s_max; got "
+            f"{e.s_churn}, {e.s_noise}, {e.s_min}, {e.s_max} (EDM's ImageNet values: 40, 1.003, 0.05, 50)"
+        )
     if cfg.run.checkpoint_every < 0:
         raise DisbackError(
             f"'run.checkpoint_every' must be 0 (no checkpoints) or positive, got {cfg.run.checkpoint_every}; "

@@ -41,6 +41,12 @@ class EDMConfig:
     rho: float
     p_mean: float  # ln(sigma) ~ N(p_mean, p_std^2) in the denoising score matching loss
     p_std: float
+    # The teacher's sampler: EDM's Heun, deterministic when s_churn is 0; EDM samples ImageNet-64 with s_churn 40,
+    # s_min 0.05, s_max 50, s_noise 1.003 (its stochastic sampler, Algorithm 2 of the paper)
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = 1e6  # no upper bound
+    s_noise: float = 1.0
 
 
 @dataclass
@@ -97,6 +103,8 @@ class EvalConfig:
     features: str = "classifier"  # images: "classifier" (trained on the data, cached; not Inception FID),
     #                               "inception=FILE" or a URL (Inception FID, as NVlabs/edm), or "module:function"
     classifier_steps: int = 1500  # images: training steps of that classifier
+    ref: str = ""  # images: reference statistics (.npz of mu/sigma, a path or URL, e.g. EDM's FID refs) for the
+    #                Fréchet distance in the loop, instead of the held-out images
     clip: str = (
         ""  # text: a CLIP model (folder, hub id, or open_clip:ARCH/PRETRAINED) for a CLIP score at each evaluation
     )

@@ -70,7 +70,8 @@ def builtin_names() -> list[str]:
 
 
 def load_data(cfg: DataConfig, seed: int) -> Data:
-    """``cfg.name``: a built-in name, a points file (.npy/.csv), or images (a folder or an .npz file)."""
+    """``cfg.name``: a built-in name, a points file (.npy/.csv), or images (a folder, an .npz file, or an EDM dataset
+    zip with its labels)."""
     if cfg.name in TOY:
         return _toy(cfg, seed)
     if cfg.name in IMAGE_SETS:
@@ -78,17 +79,18 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     path = Path(cfg.name)
     if path.suffix.lower() in (".npy", ".csv"):
         return _points(path)
-    if path.is_dir() or path.suffix.lower() == ".npz":
+    if path.is_dir() or path.suffix.lower() in (".npz", ".zip"):
         if not path.exists():
             raise DisbackError(f"data file {path} does not exist")
         _need_image_preset(cfg, str(path))
-        images = image_io.read_image_source(path, cfg.resolution, cfg.channels)
-        return _images(str(path), images, None, seed)
+        images, labels = image_io.read_labelled_images(path, cfg.resolution, cfg.channels)
+        return _images(str(path), images, labels, seed)
     hint = difflib.get_close_matches(cfg.name, builtin_names(), n=1)
     raise DisbackError(
         f"unknown data '{cfg.name}'"
         + (f"; did you mean '{hint[0]}'?" if hint else "")
-        + f" Use one of {', '.join(builtin_names())}, an .npy/.csv file of N x D points, or a folder / .npz of images."
+        + f" Use one of {', '.join(builtin_names())}, an .npy/.csv file of N x D points, or a folder / .npz / EDM .zip "
+        "of images."
     )
 
 

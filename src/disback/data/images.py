@@ -1,4 +1,5 @@
-"""Image data: scikit-learn's digits, Fashion-MNIST from its IDX files, or the user's own images.
+"""Image data: scikit-learn's digits, Fashion-MNIST from its IDX files, or the user's own images (a folder, an .npz
+array, or a zip as NVlabs/edm's dataset_tool.py writes it: image files and a dataset.json with their labels).
 
 Every loader returns float arrays N x C x H x W in [0, 1] at the preset's resolution, and labels where it has them.
 """
@@ -6,6 +7,9 @@ Every loader returns float arrays N x C x H x W in [0, 1] at the preset's resolu
 from __future__ import annotations
 
 import gzip
+import io
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,16 +66,69 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 
 def read_image_source(path: Path, resolution: int, channels: int) -> np.ndarray:
-    """A folder of image files or an .npz array, as N x C x H x W floats in [0, 1] at ``resolution``."""
+    """A folder of image files, an .npz array or an EDM dataset zip, as N x C x H x W floats in [0, 1] at
+    ``resolution``."""
+    return read_labelled_images(path, resolution, channels)[0]
+
+
+def read_labelled_images(path: Path, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``read_image_source`` with the images' class labels where the source has them (an EDM zip's dataset.json)."""
+    labels = None
     if path.is_dir():
         arrays = _read_folder(path, channels)
     elif path.suffix.lower() == ".npz":
         arrays = _read_npz(path, channels)
+    elif path.suffix.lower() == ".zip":
+        arrays, labels = read_edm_zip(path, channels)
     else:
-        raise DisbackError(f"{path}: images must be a folder of PNG/JPEG files or an .npz array")
+        raise DisbackError(f"{path}: images must be a folder of PNG/JPEG files, an .npz array or an EDM dataset .zip")
     if len(arrays) < MIN_IMAGES:
         raise DisbackError(f"{path} holds {len(arrays)} images; at least {MIN_IMAGES} are needed")
-    return np.stack([resize(a, resolution, path) for a in arrays]).astype(np.float32)
+    return np.stack([resize(a, resolution, path) for a in arrays]).astype(np.float32), labels
+
+
+def read_edm_zip(path: Path, channels: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """A zip of image files as NVlabs/edm's dataset_tool.py writes it, in the order of their names, and the labels
+    that its dataset.json gives them (``{"labels": [["00000/img00000000.png", 6], ...]}`` or ``null``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DisbackError(f"cannot read {path} as a zip of images: {exc}") from None
+    with archive:
+        names = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+        if not names:
+            raise DisbackError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        images = []
+        for name in names:
+            try:
+                with Image.open(io.BytesIO(archive.read(name))) as im:
+                    pixels = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError, zipfile.BadZipFile) as exc:
+                raise DisbackError(f"cannot read image {name} in {path}: {exc}") from None
+            images.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
+        labels = _zip_labels(archive, path, names)
+    return images, labels
+
+
+def _zip_labels(archive: zipfile.ZipFile, path: Path, names: list[str]) -> np.ndarray | None:
+    if "dataset.json" not in archive.namelist():
+        return None
+    try:
+        table = json.loads(archive.read("dataset.json")).get("labels")
+    except (ValueError, AttributeError) as exc:
+        raise DisbackError(f"{path}: dataset.json is not EDM's {{'labels': [[file, label], ...]}} ({exc})") from None
+    if table is None:
+        return None
+    by_name = {str(f).replace("\\", "/"): label for f, label in table}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DisbackError(f"{path}: dataset.json gives no label for {len(missing)} images (first: {missing[0]})")
+    labels = np.asarray([by_name[n] for n in names])
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.min() < 0:
+        raise DisbackError(f"{path}: dataset.json's labels must be class indices (non-negative integers)")
+    return labels.astype(np.int64)
 
 
 def _read_folder(folder: Path, channels: int) -> list[np.ndarray]:

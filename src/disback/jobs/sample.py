@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from disback.data import to_units
-from disback.diffusion.sampling import heun_sample, karras_schedule
+from disback.diffusion.sampling import churn_of, heun_sample, karras_schedule
 from disback.errors import DisbackError
 from disback.stages.common import in_batches
 from disback.storage.files import save_array
@@ -38,7 +38,8 @@ def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, p
     else:
         edm = meta.edm
         sigmas = karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])
-        x = in_batches(lambda zz, yy: heun_sample(model.eval(), zz, sigmas, yy), z, labels)
+        churn = churn_of(edm) | {"seed": seed}
+        x = in_batches(lambda zz, yy: heun_sample(model.eval(), zz, sigmas, yy, **churn), z, labels)
     samples = to_units(x, meta.normaliser, images=meta.is_images)
     save_array(Path(out), samples)
     if plot:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disback.errors import DisbackError
+from disback.storage.fetch import cache_dir
 from disback.storage.weights import load_weights, read_metadata, save_weights
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images N x C x H x W in [0, 1] -> features N x F
@@ -121,10 +121,6 @@ def train_classifier(
     with torch.no_grad():
         accuracy = float((net(x[val]).argmax(1) == y[val]).float().mean())
     return net, {"task": task, "accuracy": accuracy, "n_classes": int(labels.max()) + 1, "channels": images.shape[1]}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISBACK_CACHE", Path.home() / ".cache" / "disback"))
 
 
 def classifier_features(

@@ -10,10 +10,6 @@ sha256 is recorded with every measurement.
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,49 +17,16 @@ from typing import Any
 import torch
 
 from disback.errors import DisbackError
-from disback.storage.files import atomic_write, sha256_file
+from disback.storage.fetch import fetch as fetch_file
 
-log = logging.getLogger(__name__)
 URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 DIMENSION = 2048
 
 
 def fetch(spec: str, cache: Path) -> tuple[Path, str]:
-    """The network file a path or URL names, and its sha256; a URL is downloaded once into ``cache``."""
-    parsed = urllib.parse.urlparse(spec)
-    if parsed.scheme not in ("http", "https"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise DisbackError(
-                f"Inception network file {path} does not exist; download it once from {URL} and give its "
-                "path (eval.features=inception=FILE), or give the URL"
-            )
-        return path, sha256_file(path)
-    expected = urllib.parse.parse_qs(parsed.fragment).get("sha256", [None])[0]
-    url = urllib.parse.urlunparse(parsed._replace(fragment=""))
-    file = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{Path(parsed.path).name}"  # one file per URL
-    if not file.is_file() and (cache / Path(parsed.path).name).is_file():  # cached by its bare name before
-        file = cache / Path(parsed.path).name
-    if not file.is_file():
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                data = response.read()
-        except OSError as exc:
-            raise DisbackError(
-                f"cannot download {url} ({exc}); download it by hand and give its path instead"
-            ) from None
-        actual = hashlib.sha256(data).hexdigest()
-        if expected and actual != expected:
-            raise DisbackError(f"{url} downloaded with sha256 {actual[:12]}..., not the {expected[:12]}... asked for")
-        atomic_write(file, lambda tmp: tmp.write_bytes(data))
-    digest = sha256_file(file)
-    if not expected:
-        log.warning("%s: sha256 %s recorded, not verified; add #sha256=HEX to the URL to have it checked", spec, digest)
-    if expected and digest != expected:
-        raise DisbackError(
-            f"{file} (cached from {spec}) has sha256 {digest[:12]}..., not {expected[:12]}...; delete it"
-        )
-    return file, digest
+    """The Inception network file a path or URL names, and its sha256; a URL is downloaded once into ``cache``."""
+    hint = f"download it once from {URL} and give its path (eval.features=inception=FILE), or give the URL"
+    return fetch_file(spec, cache, what="Inception network file", hint=hint)
 
 
 class InceptionFeatures:

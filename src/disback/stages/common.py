@@ -3,6 +3,7 @@ loop's options."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from disback.config import Config
 from disback.data import Data
-from disback.diffusion.sampling import heun_sample, karras_schedule
+from disback.diffusion.sampling import churn_of, heun_sample, karras_schedule
 from disback.distributed import local, strided
 from disback.engine.checkpoint import Checkpoints
 from disback.engine.log import MetricsLog
@@ -79,12 +80,14 @@ def in_batches(fn, z: torch.Tensor, labels: torch.Tensor | None = None, batch: i
 
 
 def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: Data, num_classes: int = 0) -> np.ndarray:
-    """The teacher's samples from the evaluation noise (EDM's Heun sampler), in the data's units."""
+    """The teacher's samples from the evaluation noise (EDM's Heun sampler, stochastic with edm.s_churn), in the data's
+    units."""
     sigmas = karras_schedule(cfg.teacher.heun_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho)
+    churn = churn_of(dataclasses.asdict(cfg.edm)) | {"seed": cfg.seed}
     z, labels = eval_noise(cfg, data.shape, num_classes, next(teacher.parameters()).device)
 
     def sample(zz: torch.Tensor, yy: torch.Tensor | None) -> torch.Tensor:
-        return in_batches(lambda z1, y1: heun_sample(teacher.eval(), z1, sigmas, y1), zz, yy)
+        return in_batches(lambda z1, y1: heun_sample(teacher.eval(), z1, sigmas, y1, **churn), zz, yy)
 
     return data.from_model(strided(sample, z, labels))  # shared among processes, if several
 
@@ -145,4 +148,4 @@ def metrics_log(cfg: Config, out: Path, stage: str) -> MetricsLog:
 
 def metrics_for(cfg: Config, data: Data):
     """The measures of this data (disback.metrics)."""
-    return build_metrics(data, cfg.eval.projections, cfg.eval.features, cfg.eval.classifier_steps)
+    return build_metrics(data, cfg.eval.projections, cfg.eval.features, cfg.eval.classifier_steps, cfg.eval.ref)
