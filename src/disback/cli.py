@@ -194,6 +194,20 @@ def _config(args: argparse.Namespace, data_default: str | None = None):
     return build_config(args.preset, args.config, overrides)
 
 
+def _fitted(cfg: Config, teacher: Path | None = None) -> Config:
+    """Image data read at the teacher's size: the teacher file's, or the pretrained model's (--pretrained)."""
+    from disback.stages.common import fit_data, teacher_meta
+
+    if teacher is not None:
+        return fit_data(cfg, teacher_meta(teacher).shape)
+    if cfg.teacher.pretrained:
+        from disback.storage.kinds import pretrained_shape
+
+        channels, resolution, _ = pretrained_shape(cfg.teacher.pretrained)
+        return fit_data(cfg, (channels, resolution, resolution))
+    return cfg
+
+
 def _demo_teacher(args: argparse.Namespace) -> Path | None:
     """demo --teacher: a disback teacher file (or its folder) to use; a diffusers model is the old spelling of
     --pretrained, with a deprecation note."""
@@ -264,7 +278,7 @@ def run(argv: list[str] | None = None) -> int:
         from disback.stages.common import teacher_meta
 
         teacher = _demo_teacher(args)
-        cfg = _config(args, data_default=teacher_meta(teacher).data if teacher else None)
+        cfg = _fitted(_config(args, data_default=teacher_meta(teacher).data if teacher else None), teacher)
         settled(cfg, teacher)
         run_demo(cfg, Path(args.out), show, resume, teacher, args.generator, args.fake)
         if is_writer():  # the summary it reads is the main process's
@@ -274,7 +288,7 @@ def run(argv: list[str] | None = None) -> int:
         from disback import stages
         from disback.data import load_data
 
-        cfg = _config(args)
+        cfg = _fitted(_config(args))
         settled(cfg)
         path = stages.train_teacher(cfg, load_data(cfg.data, cfg.seed), Path(args.out), show, resume)
         say(f"teacher: {path}")
@@ -293,7 +307,7 @@ def run(argv: list[str] | None = None) -> int:
         from disback.stages.common import resolve_teacher, teacher_meta
 
         teacher_file = resolve_teacher(Path(args.teacher))
-        cfg = _config(args, data_default=teacher_meta(teacher_file).data)
+        cfg = _fitted(_config(args, data_default=teacher_meta(teacher_file).data), teacher_file)
         path = stages.load_path_for(teacher_file, Path(args.path)) if args.command == "backtrack" else None
         settled(cfg, teacher_file)
         data = load_data(cfg.data, cfg.seed)
@@ -329,8 +343,11 @@ def run(argv: list[str] | None = None) -> int:
         from disback.jobs.export import export
 
         out = export(Path(args.run), Path(args.out))
-        custom = f", custom_pipeline='{out}', trust_remote_code=True" if (out / "pipeline.py").is_file() else ""
-        say(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}'{custom}))")
+        if (out / "generate.py").is_file():  # an EDM network: the folder's own code samples it
+            say(f"one-step generator: {out}  (sample: python {out / 'generate.py'} --n 64 --out samples.png)")
+        else:
+            custom = f", custom_pipeline='{out}', trust_remote_code=True" if (out / "pipeline.py").is_file() else ""
+            say(f"diffusers pipeline: {out}  (load: DiffusionPipeline.from_pretrained('{out}'{custom}))")
     elif args.command == "eval":
         from disback.jobs.evaluate import evaluate, line
 

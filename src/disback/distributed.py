@@ -106,7 +106,8 @@ def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- run.fsdp: the trained networks sharded
 
-BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' UNet blocks: each one a unit of its own
+# diffusers' UNet blocks and EDM's / EDM2's (disback.diffusion.networks): each one a unit of its own
+BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock", "UNetBlock", "Block")
 
 
 def shard(module: nn.Module) -> nn.Module:

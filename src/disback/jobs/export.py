@@ -73,6 +73,10 @@ def export(run: Path, out: Path) -> Path:
     own = kind_of(meta, generator_file).export
     if own is not None:
         return own(generator_file, out)
+    if meta.kind == "nvlabs":  # EDM's networks are not diffusers models: a folder with the network code instead
+        from disback.jobs.export_edm import export_edm
+
+        return export_edm(generator_file, out)
     pipe = build_pipeline(generator_file)
 
     def fill(folder: Path) -> None:

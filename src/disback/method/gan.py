@@ -13,10 +13,12 @@ from torch import nn
 
 def bottleneck(denoiser: nn.Module) -> tuple[nn.Module, bool]:
     """The module that carries the backbone's deepest features, and whether they are its input (rather than its
-    output): a UNet's mid-block output; the input of an MLP's output layer (its last hidden state)."""
+    output): a diffusers UNet's mid-block output; in EDM's and EDM2's UNets the decoder's second block at the lowest
+    resolution ("in1", after "in0": their middle, where DMD2 takes its bottleneck); the input of an MLP's output
+    layer (its last hidden state)."""
     modules = dict(denoiser.named_modules())
     for name, module in modules.items():
-        if name.endswith("mid_block"):
+        if name.endswith("mid_block") or (name.split(".")[-1].endswith("_in1") and ".dec." in f".{name}"):
             return module, False
     for name, module in modules.items():
         if name.endswith("backbone.out") and isinstance(

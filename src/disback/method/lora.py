@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from disback.errors import DisbackError
+
 
 class Adapted(nn.Module):
     """``base`` with rank-``rank`` LoRA adapters; ``base`` is frozen and shared."""
@@ -29,6 +31,12 @@ class Adapted(nn.Module):
         shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
         net = copy.deepcopy(base, shared)  # new modules around the same tensors
         targets = [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if not targets:
+            raise DisbackError(
+                f"network.lora_rank={rank}: the teacher's network ({type(base).__name__}) has no linear or "
+                "convolution layers that LoRA adapts (EDM2's magnitude-preserving layers normalise their own "
+                "weights); set network.lora_rank=0 for full copies"
+            )
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), net)
         self.net, self.rank = net, rank
 

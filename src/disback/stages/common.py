@@ -61,6 +61,15 @@ def check_data_matches(data: Data, meta: ModelMeta, where: Path) -> None:
     data.set_normaliser(meta.normaliser)
 
 
+def fit_data(cfg: Config, shape: tuple[int, ...] | list[int]) -> Config:
+    """The config with its image data read at the teacher's channels and resolution (``shape``, C x H x W): a
+    folder, zip or built-in set of images is resized to fit the teacher. Point data is left as it is."""
+    if len(shape) != 3 or cfg.data.resolution <= 0:
+        return cfg
+    data = dataclasses.replace(cfg.data, channels=int(shape[0]), resolution=int(shape[-1]))
+    return dataclasses.replace(cfg, data=data)
+
+
 def eval_noise(
     cfg: Config, shape: tuple[int, ...], num_classes: int = 0, device=None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

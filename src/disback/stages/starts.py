@@ -24,6 +24,7 @@ from disback.storage.external import Start, load_start, read_start
 from disback.storage.kinds import kind_of
 from disback.storage.meta import ModelMeta
 from disback.storage.models import generator_from_teacher, save_model
+from disback.storage.nvlabs import import_snapshot, is_snapshot
 
 INITIAL = {"generator": "initial-generator.safetensors", "denoiser": "initial-fake.safetensors"}  # in a run folder
 
@@ -72,16 +73,20 @@ def check_start(source: Path | None, role: str, teacher: torch.nn.Module, meta: 
 
 
 def check_starts(cfg: Config, teacher_file: Path | None, generator: Path | None, fake: Path | None) -> None:
-    """What a job starts from (``--generator``, ``--fake``), checked before it writes anything: read, and with a teacher
-    file made before, checked against it (a teacher the job makes itself is checked against once it exists)."""
+    """What a job starts from (``--generator``, ``--fake``), checked before it writes anything: read, and checked
+    against the teacher when it exists already (a teacher file, or an EDM snapshot to import, which costs one read);
+    a teacher the job trains itself is checked against once it exists."""
     if generator is None and fake is None:
         return
-    if teacher_file is None:
+    if teacher_file is not None:
+        teacher, meta = load_teacher(teacher_file)
+    elif is_snapshot(cfg.teacher.pretrained):
+        teacher, meta = import_snapshot(cfg.teacher.pretrained, cfg.edm)
+    else:
         for source, role in ((generator, "generator"), (fake, "denoiser")):
             if source is not None:
                 read_start(source, role)
         return
-    teacher, meta = load_teacher(teacher_file)
     check_start(generator, "generator", teacher, meta, cfg)
     check_start(fake, "denoiser", teacher, meta, cfg)
 

@@ -31,6 +31,7 @@ from disback.stages.runtime import accelerator, speed_up
 from disback.storage.files import save_array, sha256_file
 from disback.storage.kinds import edm_meta, import_pretrained
 from disback.storage.models import save_model
+from disback.storage.nvlabs import import_snapshot, is_snapshot
 from disback.storage.runfolder import begin_stage
 
 
@@ -88,12 +89,19 @@ def train_teacher(
 
 
 def import_teacher(cfg: Config, data: Data, source: str, out: Path) -> Path:
-    """A pretrained diffusers UNet2DModel + scheduler, converted once into a disback teacher file."""
+    """A pretrained teacher converted once into a disback teacher file: an EDM / EDM2 network snapshot (a path or a
+    URL), or a diffusers UNet2DModel + scheduler."""
     out = Path(out)
-    teacher, meta = import_pretrained(source)
-    meta = dataclasses.replace(meta, edm=asdict(cfg.edm), data=data.name)
+    if is_snapshot(source):
+        teacher, meta = import_snapshot(source, cfg.edm)
+        meta = dataclasses.replace(meta, data=data.name)
+    else:
+        teacher, meta = import_pretrained(source)
+        meta = dataclasses.replace(meta, edm=asdict(cfg.edm), data=data.name)
     check_data_matches(data, meta, Path(source))
-    class_labels(data, meta.num_classes)
+    if data.labels is not None:  # labels that do not fit the teacher's classes are refused; none are needed unless
+        class_labels(data, meta.num_classes)  # real data feeds dmd2's GAN term, which asks for them then
+    teacher = teacher.to(accelerator(cfg.run.precision).device)  # its samples are drawn where training runs
     save_array(out / "samples.npy", teacher_samples(teacher, cfg, data, meta.num_classes))
     path = out / TEACHER
     save_model(teacher, path, meta)

@@ -2,10 +2,12 @@
 (``--fake``), in the formats the field publishes, converted once into a disback model file.
 
 Accepted sources: a disback model file (generator.safetensors, fake.safetensors), a run or demo folder holding one, a
-diffusers pipeline folder (its ``unet/``), a diffusers UNet folder (config.json and its weights), or a UNet state dict
-as ``.safetensors`` or ``.bin`` (the format DMD2 and the original DisBack release publish), read with
-``torch.load(weights_only=True)``, never a full unpickle. The network is built on the teacher's architecture, keys
-and shapes must match exactly, and half-precision weights are upcast. Every check runs before anything is written.
+diffusers pipeline folder (its ``unet/``), a diffusers UNet folder (config.json and its weights), a state dict as
+``.safetensors`` or ``.bin`` (the format DMD2 and the original DisBack release publish; for an EDM teacher, with EDM's
+key names, as DMD2's ImageNet generator), read with ``torch.load(weights_only=True)``, or an EDM / EDM2 network
+snapshot ``.pkl`` (SiD publishes its generators so), read by disback.storage.snapshot; never a full unpickle. The
+network is built on the teacher's architecture, keys and shapes must match exactly, and half-precision weights are
+upcast. Every check runs before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from disback.errors import DisbackError
 from disback.storage.files import sha256_file
 from disback.storage.meta import ModelMeta, read_meta
+from disback.storage.snapshot import read_snapshot
 from disback.storage.weights import check_state, load_state, read_metadata
 
 RUN_FILES = {"generator": "generator.safetensors", "denoiser": "fake.safetensors"}  # what a run folder holds
@@ -40,12 +43,13 @@ UNET_WEIGHTS = (
 )
 ACCEPTED = (
     "a disback generator.safetensors / fake.safetensors, a run folder, a diffusers pipeline folder, a diffusers "
-    "UNet folder, or a UNet state dict (.safetensors or .bin)"
+    "UNet folder, a UNet or EDM state dict (.safetensors or .bin), or an EDM network snapshot (.pkl)"
 )
 
 
 def locate(source: Path, role: str) -> tuple[str, Path]:
-    """What ``source`` is: ("disback", model file), ("unet-folder", folder) or ("state-dict", file)."""
+    """What ``source`` is: ("disback", model file), ("unet-folder", folder), ("state-dict", file) or
+    ("edm-snapshot", file)."""
     source = Path(source)
     if source.is_dir():
         for file in (source / RUN_FILES[role], source / "disback" / RUN_FILES[role]):
@@ -61,6 +65,8 @@ def locate(source: Path, role: str) -> tuple[str, Path]:
         return ("disback" if read_metadata(source) else "state-dict"), source
     if source.suffix in (".bin", ".pt", ".pth"):
         return "state-dict", source
+    if source.suffix == ".pkl":
+        return "edm-snapshot", source
     raise DisbackError(f"{source}: a network must be given as {ACCEPTED}, not a '{source.suffix}' file")
 
 
@@ -174,7 +180,7 @@ def read_start(source: Path, role: str) -> Start:
     weights, shards = (found, [found]) if fmt != "unet-folder" else unet_weights(found)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(read_state_dict(shard))
+        state.update(read_snapshot(shard).state if fmt == "edm-snapshot" else read_state_dict(shard))
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
     origin = {
         "source": str(Path(source).resolve()),
@@ -208,9 +214,35 @@ def load_start(
     if start.fmt == "disback":
         _check_same_teacher(start, wanted)
         (check_state if check_only else load_state)(network, start.state, start.file)
+    elif teacher_meta.kind == "nvlabs":
+        fit_edm(network, start, lora_rank=lora_rank, check_only=check_only)
     else:
         fit_unet(unet_of(network, start.file), start, sigma_g=sigma_g, lora_rank=lora_rank, check_only=check_only)
     return replace(wanted, origin=start.origin)
+
+
+def fit_edm(network: nn.Module, start: Start, *, lora_rank: int = 0, check_only: bool = False) -> None:
+    """An EDM snapshot or a state dict with EDM's key names (DMD2's ImageNet generator) into the teacher's
+    preconditioned network inside ``network``, key by key."""
+    from disback.diffusion.preconditioners import PRECONDITIONERS
+
+    if start.fmt == "unet-folder":
+        raise DisbackError(
+            f"{start.source} is a diffusers UNet, and the teacher is an EDM network; give its .pkl or state dict"
+        )
+    if start.role == "denoiser" and lora_rank:
+        raise DisbackError(
+            f"{start.source} is a whole network, and with network.lora_rank={lora_rank} the fake score is LoRA "
+            "adapters on the teacher; set network.lora_rank=0 to start the fake score from it"
+        )
+    kinds = tuple(PRECONDITIONERS.values())
+    precond = next((m for m in network.modules() if isinstance(m, kinds)), None)
+    if precond is None:
+        raise DisbackError(f"{start.source}: the teacher's network holds no EDM preconditioner to load it into")
+    try:
+        (check_state if check_only else load_state)(precond, start.state, Path(start.origin["file"]))
+    except DisbackError as exc:
+        raise DisbackError(f"{exc} Is this a network of another EDM architecture than the teacher's?") from None
 
 
 def fit_unet(unet: nn.Module, start: Start, *, sigma_g: float, lora_rank: int = 0, check_only: bool = False) -> None:

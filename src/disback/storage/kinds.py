@@ -1,8 +1,10 @@
 """Model kinds: how the networks of each kind of model file are rebuilt, made one-step generators, and used as a
 target score. The core knows two kinds:
 
-edm  our backbones (MLP, UNet2DModel) under EDM preconditioning, trained by `disback teacher`
-vp   a pretrained diffusers UNet2DModel on a discrete VP schedule (epsilon, v or x0 prediction)
+edm     our backbones (MLP, UNet2DModel) under EDM preconditioning, trained by `disback teacher`
+vp      a pretrained diffusers UNet2DModel on a discrete VP schedule (epsilon, v or x0 prediction)
+nvlabs  NVIDIA's EDM / EDM2 networks with their preconditioners, imported from a network snapshot
+        (disback.storage.nvlabs)
 
 A plugin registers its own kind with ``register_kind`` when it is imported, and names the module that does so under
 the entry-point group ``disback.model_kinds`` (disback.text registers "text" this way), so that a file of its kind
@@ -146,16 +148,39 @@ def import_pretrained(source: str) -> tuple[VPDenoiser, ModelMeta]:
 
 
 def _from_pretrained(cls, source: str, subfolder: str):
+    """``cls.from_pretrained`` (or a loader such as ``load_config``) from the subfolder, else the top level."""
+    load = cls.from_pretrained if isinstance(cls, type) else cls
     errors = []
     for sub in (subfolder, None):
         try:
-            return cls.from_pretrained(source, subfolder=sub) if sub else cls.from_pretrained(source)
+            return load(source, subfolder=sub) if sub else load(source)
         except (OSError, ValueError, EnvironmentError) as exc:
             errors.append(str(exc).splitlines()[0])
+    name = getattr(cls, "__self__", cls).__name__  # a bound classmethod such as load_config: its class
     raise DisbackError(
-        f"cannot load a diffusers {cls.__name__} from '{source}' (tried '{subfolder}/' and the top level): {errors[-1]}"
+        f"cannot load a diffusers {name} from '{source}' (tried '{subfolder}/' and the top level): {errors[-1]}"
     )
+
+
+def pretrained_shape(source: str) -> tuple[int, int, int]:
+    """(channels, resolution, classes) of a pretrained teacher, read from its snapshot or its UNet's config, so that
+    the data can be read at its size before the teacher is imported."""
+    from disback.storage.nvlabs import is_snapshot, shape_of
+
+    if is_snapshot(source):
+        return shape_of(source)
+    from diffusers import UNet2DModel
+
+    config = _from_pretrained(UNet2DModel.load_config, source, "unet")
+    return int(config["in_channels"]), int(config["sample_size"]), int(config.get("num_class_embeds") or 0)
+
+
+def _rebuild_nvlabs(meta: ModelMeta, folder: Path) -> nn.Module:
+    from disback.storage.nvlabs import rebuild
+
+    return rebuild(meta, folder)
 
 
 register_kind("edm", ModelKind(rebuild=_rebuild_edm))
 register_kind("vp", ModelKind(rebuild=_rebuild_vp))
+register_kind("nvlabs", ModelKind(rebuild=_rebuild_nvlabs))
