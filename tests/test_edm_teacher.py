@@ -44,6 +44,14 @@ ADM = dict(
     attn_resolutions=[8],
     dropout=0.0,
 )
+NCSN = dict(
+    SONG,
+    embedding_type="fourier",
+    channel_mult_noise=2,
+    encoder_type="residual",
+    decoder_type="skip",
+    resample_filter=[1, 3, 3, 1],
+)
 EDM2 = dict(img_resolution=16, img_channels=3, label_dim=0, model_channels=32, channel_mult=[1, 2], num_blocks=1)
 # Class names NVIDIA's code records for modules that disback splits into two classes.
 EDM_NAMES = {"ResampleConv2d": "Conv2d"}
@@ -81,7 +89,15 @@ def call(net: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: tor
 
 
 @pytest.mark.parametrize(
-    "precond,kwargs", [("EDMPrecond", SONG), ("EDMPrecond", ADM), ("VPPrecond", SONG), ("Precond", EDM2)]
+    "precond,kwargs",
+    [
+        ("EDMPrecond", SONG),
+        ("EDMPrecond", ADM),
+        ("VPPrecond", SONG),
+        ("VEPrecond", NCSN),
+        ("iDDPMPrecond", {**ADM, "use_fp16": False}),
+        ("Precond", EDM2),
+    ],
 )
 def test_load_denoiser_reproduces_the_snapshot_network(tmp_path, precond, kwargs):
     file, net = snapshot(tmp_path / "net.pkl", precond, kwargs)
@@ -199,3 +215,40 @@ def test_edm2_teacher_trains_with_full_copies_and_refuses_lora_clearly(tmp_path,
     capsys.readouterr()
     assert main(["demo", *args, "--set", "network.lora_rank=4", "--out", str(tmp_path / "lora")]) == 2
     assert "has no linear or convolution layers that LoRA adapts" in capsys.readouterr().err
+
+
+def test_dmd2_with_an_edm_dataset_zip_on_a_class_conditional_teacher_with_lora(tmp_path):
+    """dmd2's GAN term on EDM's networks: real images and their labels from an EDM dataset zip, a LoRA fake score and
+    LoRA nodes on an ADM teacher, classes drawn for the generator; then disback eval on the run."""
+    from test_images import edm_zip
+
+    file, _ = snapshot(tmp_path / "adm.pkl", "EDMPrecond", ADM)
+    data = edm_zip(tmp_path / "data.zip", 40, size=20)
+    out = tmp_path / "run"
+    args = ["demo", "--pretrained", str(file), "--data", str(data), "--preset", "digits", *SHORT, "--out", str(out)]
+    assert main([*args, "--method", "dmd2", "--set", "distill.fake_updates=2", "--set", "network.lora_rank=2"]) == 0
+    path = json.loads((out / "path" / "manifest.json").read_text())
+    assert path["config"]["network"]["lora_rank"] == 2
+    assert main(["eval", str(out), "--n", "24", "--batch", "8", "--quiet"]) == 0
+    assert json.loads((out / "eval.json").read_text())["value"] >= 0
+
+
+def test_a_killed_distillation_on_an_edm_teacher_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    file, _ = snapshot(tmp_path / "edm.pkl", "EDMPrecond", SONG)
+    data = image_folder(tmp_path / "images")
+    common = ["--pretrained", str(file), "--data", str(data), "--preset", "digits", *SHORT]
+    assert main(["teacher", *common, "--out", str(tmp_path / "t")]) == 0
+    run = ["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--preset", "digits", *SHORT]
+    run += ["--set", "distill.steps=6", "--set", "run.checkpoint_every=2"]
+    assert main([*run, "--out", str(tmp_path / "a")]) == 0
+    assert main([*run, "--out", str(tmp_path / "b")]) == 0
+    (tmp_path / "b" / "result.json").unlink()  # as if killed after its step-4 checkpoint
+    (tmp_path / "b" / "generator.safetensors").unlink()
+    index = json.loads((tmp_path / "b" / "checkpoints" / "index.json").read_text())
+    index["checkpoints"] = [c for c in index["checkpoints"] if c["step"] <= 4]
+    (tmp_path / "b" / "checkpoints" / "index.json").write_text(json.dumps(index))
+    assert main([*run, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = (load_file(str(tmp_path / r / "generator.safetensors")) for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
