@@ -2,7 +2,8 @@
 {DDP, FSDP} x {plain order, reused samples} x {vsd, dmd, dmd2, sid} x {full networks, LoRA fake score} x
 {fixed, adaptive, warm start}. Every cell runs the tiny demo (stage 1 with distance-spaced nodes and the plateau
 stop, DisBack and the baseline) from one teacher trained by the same launch; one process runs the same cells
-unsharded, side by side."""
+unsharded, side by side. Both sides run in float64 (run.precision=fp64), where the order of a reduction no longer
+shows, so that the comparison can be tight."""
 
 from __future__ import annotations
 
@@ -54,10 +55,18 @@ COMMON = [
     "--set",
     "distill.max_dwell=4",
 ]
-# Gradients are averaged over 2 half batches instead of one batch: the sums differ in rounding only. Adam's normalised
-# steps (1e-4 at distill.lr_generator) carry a rounding difference of a near-zero gradient into the weights, hence an
-# absolute and a relative part, as torch.testing.assert_close takes them.
-ATOL, RTOL = 1e-5, 1e-4
+# Gradients are averaged over 2 half batches instead of one batch: the sums differ in rounding only, and Adam's
+# normalised steps carry the rounding difference of a near-zero gradient into the weights. In float32 that reached
+# 1.7e-5 on one machine (ddp-reused-sid-lora-fixed's baseline generator), over the 1e-5 + 1e-4 relative allowed then.
+# Both sides therefore run in float64 (FP64), where the largest difference measured over every weight of every cell
+# is 1.2e-14 (the reused-sample SiD cells' baseline generators; under 2e-15 elsewhere), and the swd curves and path
+# distances agree to 2e-14 relative. A real mismatch is orders above: one generator step in 25 without its gradient
+# all-reduce (DDP cells) moved the generator by 1.5e-4 to 4e-4, and one in 25 with the second process's half batch
+# weighted 0.1% too much (a wrong share) by 9e-8 to 9e-7 (swd: 6e-8 to 4e-6 relative), which the float32 tolerance
+# let through. 1e-9 sits 1e5 above the rounding and 90x below that smallest bug measured.
+FP64 = ["--set", "run.precision=fp64"]
+ATOL = 1e-9  # absolute only: every weight is below 1 in magnitude (0.76 at most)
+REL = 1e-9  # on the swd curves and the path's distance
 
 
 def name(cell: tuple[str, ...]) -> str:
@@ -113,14 +122,14 @@ def test_two_processes_match_one_process_in_every_cell(tmp_path):
     script.write_text(SCRIPT)
     runs = lambda processes: json.dumps([(name(c), cell_args(c, processes)) for c in CELLS])  # noqa: E731
     one = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "one"), runs(1), json.dumps(TINY_ARGS)],
+        [sys.executable, str(script), str(tmp_path / "one"), runs(1), json.dumps([*TINY_ARGS, *FP64])],
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     two = subprocess.run(
-        [*TORCHRUN, free_port(), str(script), str(tmp_path / "two"), runs(2), json.dumps(TINY_ARGS)],
+        [*TORCHRUN, free_port(), str(script), str(tmp_path / "two"), runs(2), json.dumps([*TINY_ARGS, *FP64])],
         env=env(),
         capture_output=True,
         text=True,
@@ -142,11 +151,41 @@ def test_two_processes_match_one_process_in_every_cell(tmp_path):
             assert [(r["iteration"], r["target_node"]) for r in ra] == [
                 (r["iteration"], r["target_node"]) for r in rb
             ], cell
-            assert [r["swd"] for r in rb] == pytest.approx([r["swd"] for r in ra], rel=1e-4), cell
+            assert [r["swd"] for r in rb] == pytest.approx([r["swd"] for r in ra], rel=REL), cell
         switches = json.loads((b / "disback" / "result.json").read_text())["switches"]
         assert switches == json.loads((a / "disback" / "result.json").read_text())["switches"], cell
         assert bool(switches) == (cell[4] != "warm_start"), (cell, switches)  # warm start: the teacher from step 1
-        assert metrics(b / "path")[-1]["distance"] == pytest.approx(metrics(a / "path")[-1]["distance"], rel=1e-4), cell
+        assert metrics(b / "path")[-1]["distance"] == pytest.approx(metrics(a / "path")[-1]["distance"], rel=REL), cell
+
+
+def test_fp64_runs_the_demo_in_float64_and_its_files_load_in_float32(tmp_path):
+    """run.precision=fp64 (in a process of its own: it sets torch's default dtype): every network, node, checkpoint
+    (Adam's states too) is float64, which a float32 input to a float64 layer would have stopped with an error; the
+    files load into this float32 process as float32 files do."""
+    from disback.errors import DisbackError
+    from disback.stages.runtime import accelerator
+    from disback.storage.models import load_model
+
+    short = [f"--set={kv}" for kv in ("teacher.steps=20", "degrade.steps=8", "distill.steps=4", "eval.every=2")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "disback", "demo", "--out", str(tmp_path), *TINY_ARGS, *short, *FP64],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*.safetensors")]
+    assert {p.parent.name for p in files} >= {"teacher", "path", "disback", "baseline", "checkpoints"}
+    for f in files:
+        floats = {str(v.dtype) for v in load_file(str(f)).values() if v.is_floating_point()}
+        assert floats == {"torch.float64"}, (f, floats)
+    generator, _ = load_model(tmp_path / "baseline" / "generator.safetensors")
+    assert next(generator.parameters()).dtype == torch.float32  # this process runs fp32
+    assert torch.isfinite(generator(torch.randn(4, 2))).all()
+    accelerator()
+    with pytest.raises(DisbackError, match="process of its own"):
+        accelerator("fp64")
 
 
 def same_weights(a: Path, b: Path, files: list, cell: tuple = ()) -> None:
@@ -154,8 +193,9 @@ def same_weights(a: Path, b: Path, files: list, cell: tuple = ()) -> None:
         x, y = load_file(str(a / f)), load_file(str(b / f))
         assert x.keys() == y.keys(), (cell, f)
         for k in x:
+            assert x[k].dtype == y[k].dtype == torch.float64, (cell, f, k, x[k].dtype, y[k].dtype)
             torch.testing.assert_close(
-                y[k], x[k], atol=ATOL, rtol=RTOL, msg=lambda m, c=cell, f=f, k=k: f"{c} {f} {k}: {m}"
+                y[k], x[k], atol=ATOL, rtol=0, msg=lambda m, c=cell, f=f, k=k: f"{c} {f} {k}: {m}"
             )
 
 

@@ -14,6 +14,7 @@ from disback.config.choices import (
     PRECISIONS,
     SCHEDULES,
     SPACINGS,
+    STEP_INPUTS,
     TRACKER_PACKAGES,
     TRACKERS,
     described,
@@ -27,7 +28,7 @@ _POSITIVE = {
     "edm": ["sigma_data", "sigma_min", "sigma_max", "rho", "p_std"],
     "teacher": ["steps", "batch", "lr", "heun_steps"],
     "degrade": ["steps", "nodes", "batch", "lr"],
-    "distill": ["steps", "batch", "lr_generator", "lr_fake", "sigma_g", "switch_every", "sigma_min", "sigma_max"],
+    "distill": ["steps", "batch", "lr_generator", "lr_fake", "switch_every", "sigma_min", "sigma_max"],
     "eval": ["every", "projections", "threshold_factor", "classifier_steps"],
     "run": ["keep", "max_skipped"],
 }
@@ -37,6 +38,7 @@ _CHOICES = {
     "degrade.spacing": SPACINGS,
     "distill.schedule": SCHEDULES,
     "distill.method": METHODS,
+    "distill.step_input": STEP_INPUTS,
     "run.on_nonfinite": ON_NONFINITE,
     "run.precision": PRECISIONS,
     "run.log_with": TRACKERS,
@@ -65,6 +67,7 @@ def validate(cfg: Config) -> Config:
             "e.g. --set run.checkpoint_every=500"
         )
     _tracker(cfg)
+    _steps(cfg)
     _teacher_and_stage1(cfg)
     _distillation(cfg)
     _network_and_data(cfg)
@@ -86,6 +89,37 @@ def _tracker(cfg: Config) -> None:
         raise DisbackError(
             f"run.log_with={kind} needs the {TRACKER_PACKAGES[kind][0]} package: pip install "
             f"{TRACKER_PACKAGES[kind][0]} (or leave run.log_with empty)"
+        )
+
+
+def _steps(cfg: Config) -> None:
+    """The generator's noise levels (distill.sigma_g) and text timesteps (text.timestep): one, or a strictly
+    descending list."""
+    for key, value, example in (
+        ("distill.sigma_g", cfg.distill.sigma_g, "[80, 2.5, 0.6]"),
+        ("text.timestep", cfg.text.timestep, "[999, 749, 499, 249]"),
+    ):
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v <= 0 for v in values[:-1]) or values[-1] < 0:
+            raise DisbackError(
+                f"'{key}' must be positive (a level, or a list of levels such as {example}), got {value}"
+            )
+        if any(a <= b for a, b in zip(values, values[1:])):
+            raise DisbackError(
+                f"'{key}' lists the generator's steps from the noisiest down, so it must be strictly descending, "
+                f"e.g. {example}; got {value}"
+            )
+    levels = cfg.distill.sigma_g if isinstance(cfg.distill.sigma_g, list) else [cfg.distill.sigma_g]
+    if levels[0] <= 0 or levels[0] > cfg.edm.sigma_max or (len(levels) > 1 and levels[-1] < cfg.edm.sigma_min):
+        raise DisbackError(
+            f"'distill.sigma_g' {cfg.distill.sigma_g} leaves the teacher's noise range [edm.sigma_min "
+            f"{cfg.edm.sigma_min}, edm.sigma_max {cfg.edm.sigma_max}]; choose levels inside it"
+        )
+    rank = cfg.network.generator_lora_rank
+    if rank < 0 or (rank and cfg.run.fsdp):
+        raise DisbackError(
+            f"'network.generator_lora_rank' must be 0 (a full generator) or a LoRA rank, without run.fsdp (adapters are "
+            f"small: data parallel suffices); got {rank}" + (" with run.fsdp" if cfg.run.fsdp else "")
         )
 
 

@@ -65,6 +65,12 @@ NETWORKS: dict[str, str] = {
 PRECISIONS: dict[str, str] = {
     "fp32": "everything in fp32",
     "bf16": "bf16 autocast with fp32 master weights; the frozen target held in bf16",
+    "fp64": "everything in fp64 (networks, data, noise, optimiser states): slow, for debugging and verification",
+}
+
+STEP_INPUTS: dict[str, str] = {
+    "simulate": "DMD2's backward simulation: the steps before the trained one run from pure noise, without gradients",
+    "data": "FastGen's: the trained step's input is real data noised to its level (needs the data)",
 }
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # any one of them will do

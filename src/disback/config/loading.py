@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -120,6 +121,14 @@ def _join(where: str, key: str) -> str:
 def _coerce(kind: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, where)
+    if get_origin(kind) in (Union, types.UnionType):  # e.g. float | list[float]: the first that fits
+        for option in get_args(kind):
+            try:
+                return _coerce(option, value, where)
+            except DisbackError:
+                continue
+        names = " or ".join(_name(option) for option in get_args(kind))
+        raise DisbackError(f"'{where}' must be {names}, got {value!r}")
     if get_origin(kind) is list:
         if not isinstance(value, list):
             raise DisbackError(f"'{where}' must be a list, e.g. [32, 64], got {value!r}")
@@ -132,4 +141,8 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         return value
     if kind is str and isinstance(value, str):
         return value
-    raise DisbackError(f"'{where}' must be {kind.__name__}, got {value!r}")
+    raise DisbackError(f"'{where}' must be {_name(kind)}, got {value!r}")
+
+
+def _name(kind: Any) -> str:
+    return f"a list of {_name(get_args(kind)[0])}" if get_origin(kind) is list else kind.__name__

@@ -31,6 +31,7 @@ class NetworkConfig:
     norm_groups: int = 8  # unet
     num_classes: int = 0  # unet: > 0 makes every network class-conditional (UNet2DModel's num_class_embeds)
     lora_rank: int = 0  # > 0: the fake score and the degrading model are LoRA adapters on the frozen teacher
+    generator_lora_rank: int = 0  # > 0: the generator too is LoRA adapters on the teacher (DMD2's --generator_lora)
 
 
 @dataclass
@@ -78,7 +79,8 @@ class DistillConfig:
     lr_generator: float
     lr_fake: float
     fake_updates: int  # fake-score updates per generator update
-    sigma_g: float  # the generator is one denoiser call at this noise level
+    sigma_g: float | list[float]  # the generator's noise level: one denoiser call at it; a descending list, e.g.
+    #                               [80, 2.5, 0.6], makes a k-step generator (DMD2's backward simulation trains it)
     switch_every: int  # M: generator steps between target switches ("fixed" schedule)
     sigma_min: float  # noise levels of the generator loss, spread on the Karras schedule
     sigma_max: float
@@ -91,6 +93,8 @@ class DistillConfig:
     min_dwell: int = 10  # adaptive: generator steps on a node before it may advance (both bounds shrink so that
     #                      the walk reaches the teacher by half of distill.steps)
     max_dwell: int = 100  # adaptive: generator steps after which it advances regardless
+    step_input: str = "simulate"  # k steps: a training step's input is "simulate"d from pure noise by the steps
+    #                               before it (DMD2's backward simulation), or real "data" noised to its level (FastGen)
     reuse_samples: bool = False  # DMD2's order: the generator step first, and its samples (detached) train the fake
     #                              score's first update, which so skips a generator forward pass
 
@@ -118,7 +122,8 @@ class RunConfig:
     keep: int = 2  # checkpoints kept per stage; older ones are deleted only once a newer one is complete
     on_nonfinite: str = "stop"  # a non-finite loss: "stop" (an error; the last good checkpoint kept) or "skip"
     max_skipped: int = 20  # "skip": stop after this many consecutive skipped steps
-    precision: str = "fp32"  # "bf16": autocast in bf16 with fp32 master weights, and the frozen target held in bf16
+    # "bf16": autocast in bf16 with fp32 master weights, and the frozen target held in bf16; "fp64": everything in fp64
+    precision: str = "fp32"
     channels_last: bool = False  # UNets in channels-last memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the networks' forward (state_dict keys unchanged)
     gradient_checkpointing: bool = False  # UNets recompute activations in the backward pass: less memory, more time
@@ -134,7 +139,8 @@ class TextConfig:
     """Text-to-image runs (`disback text`): the pipeline's UNet distilled on a prompts file."""
 
     guidance: float = 8.0  # classifier-free guidance scale of the target score (the original's 8), not the fake's
-    timestep: int = 399  # the generator is the UNet at this timestep on pure noise, as LCMScheduler samples in one step
+    timestep: int | list[int] = 399  # the generator is the UNet at this timestep on pure noise, as LCMScheduler samples
+    #                                  in one step; a descending list, e.g. [999, 749, 499, 249], makes it k steps
 
 
 @dataclass

@@ -44,7 +44,8 @@ class Data:
         return "swd" if self.kind == "points" else "fid"
 
     def to_model(self, x: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor((x - self.mean) / self.scale, dtype=torch.float32)
+        """Standardised, in torch's default dtype: float32, or float64 under run.precision=fp64."""
+        return torch.as_tensor((x - self.mean) / self.scale, dtype=torch.get_default_dtype())
 
     def from_model(self, x: torch.Tensor) -> np.ndarray:
         return to_units(x, self.normaliser(), images=self.kind == "images")

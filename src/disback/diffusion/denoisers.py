@@ -50,7 +50,8 @@ class VPDenoiser(nn.Module):
         self.unet = unet
         self.prediction_type = prediction_type
         abar = alphas_cumprod.double()
-        self.register_buffer("log_sigmas", ((1 - abar) / abar).sqrt().log().float())
+        log_sigmas = ((1 - abar) / abar).sqrt().log()
+        self.register_buffer("log_sigmas", log_sigmas.to(torch.get_default_dtype()))  # float64 under fp64
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Linear interpolation of ln(sigma) in the schedule's table, clamped to its range."""

@@ -11,6 +11,7 @@ import numpy as np
 from disback import stages
 from disback.config import Config
 from disback.data import load_data
+from disback.diffusion.generator import levels
 from disback.distributed import wait
 from disback.engine.log import read_metrics
 from disback.errors import DisbackError
@@ -140,4 +141,6 @@ def budgets(
         eval_samples=cfg.data.n_eval,
         initial_generator=None if generator is None else str(generator),
         initial_fake=None if fake is None else str(fake),
+        generator_levels=levels(d.sigma_g),
+        step_input=d.step_input,
     )

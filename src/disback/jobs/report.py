@@ -224,6 +224,21 @@ def start_far_text(summary: Summary) -> str:
     return "\n".join(lines) + "\n\n" + tail
 
 
+def generator_text(b: Budgets) -> str:
+    levels = b.generator_levels or []
+    if len(levels) <= 1:
+        return f"one step at sigma {levels[0]:g}" if levels else "one step"
+    made = (
+        "its input simulated from pure noise by the steps before it (DMD2's backward simulation)"
+        if b.step_input == "simulate"
+        else "its input real data noised to its level (FastGen's)"
+    )
+    return (
+        f"{len(levels)} steps at sigma {', '.join(f'{s:g}' for s in levels)}, re-noised with fresh noise between steps; "
+        f"each iteration trains one step, drawn uniformly, {made}"
+    )
+
+
 def schedule_text(b: Budgets) -> str:
     kind = b.target_schedule
     if kind == "fixed":
@@ -270,6 +285,7 @@ it denoises them worse, below 1 better (samples collapsed where its density is h
 
 ## What ran
 - **Teacher**: {b.teacher}, {b.teacher_steps} training steps; sampled with the EDM Heun sampler.
+- **Generator**: {generator_text(b)}.
 - **Initial generator**: {b.initial_generator or "a copy of the teacher"}; **initial fake score**: {
         b.initial_fake or "the path's last node (DisBack), the teacher (baseline)"
     }.

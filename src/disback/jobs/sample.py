@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from disback.data import to_units
+from disback.diffusion.generator import with_steps
 from disback.diffusion.sampling import churn_of, heun_sample, karras_schedule
 from disback.errors import DisbackError
 from disback.stages.common import in_batches
@@ -31,10 +32,12 @@ def sample_to_file(model_file: Path, n: int, steps: int, seed: int, out: Path, p
             f"{model_file} is a denoiser of kind {meta.kind} without sampling settings; sample a generator"
         )
     model, meta = load_model(Path(model_file))
-    z = torch.randn(n, *meta.shape, generator=torch.Generator().manual_seed(seed))
+    k = getattr(model, "steps", None) if meta.role == "generator" else None
+    size = (n, *meta.shape) if k is None else (n, k, *meta.shape)  # a generator's noise: every step's
+    z = torch.randn(*size, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(n) % meta.num_classes if meta.num_classes else None
     if meta.role == "generator":
-        x = in_batches(model, z, labels)
+        x = in_batches(with_steps(model), z, labels)
     else:
         edm = meta.edm
         sigmas = karras_schedule(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])

@@ -56,6 +56,8 @@ class Budgets:
     eval_samples: int
     initial_generator: str | None = None  # --generator: where the generator came from (None: the teacher's copy)
     initial_fake: str | None = None  # --fake: where the fake score came from (None: the path's last node / teacher)
+    generator_levels: list[float] | None = None  # the generator's noise levels: one (a one-step generator) or k
+    step_input: str = "simulate"  # k steps: how a trained step's input was made (distill.step_input)
 
 
 @dataclass

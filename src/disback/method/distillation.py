@@ -82,6 +82,11 @@ class Distillation:
         self.generator_loss = GENERATOR_LOSSES[self.method.loss]
         if self.method.gan and real is None:
             raise ValueError(f"method '{cfg.method}' needs real data for its GAN term")
+        self.steps = getattr(generator, "steps", 1)  # a k-step generator trains one of its steps per iteration
+        self.from_data = self.steps > 1 and cfg.step_input == "data"
+        if self.from_data and real is None:
+            raise ValueError("distill.step_input 'data' needs real data: the steps' inputs are noised data")
+        self.step = 0  # the step trained in this iteration, drawn at its start
         self.path, self.schedule, self.nodes = path, schedule, NodeReader(path)
         if len(path) > 1:  # a one-node path is the teacher, which fake and target already are (copies or views of it)
             if fake_from_path:  # else the caller has loaded the fake score it starts from (--fake)
@@ -149,11 +154,28 @@ class Distillation:
             self.nodes.prefetch(self.schedule.upcoming)
 
     def noise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latent noise, and uniformly drawn class labels when the networks are class-conditional (this process's share)."""
+        """Latent noise, and uniformly drawn class labels when the networks are class-conditional (this process's share).
+        A k-step generator gets its start and every step's fresh noise (batch x steps x ...)."""
         device = self.accelerator.device
-        z = torch.randn(self.cfg.batch, *self.shape, device=device)
+        size = (self.cfg.batch, *self.shape) if self.steps == 1 else (self.cfg.batch, self.steps, *self.shape)
+        z = torch.randn(*size, device=device)
         labels = torch.randint(self.num_classes, (self.cfg.batch,), device=device) if self.num_classes else None
         return local(z), local(labels)
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the losses see as the generator's sample, with gradients (callers add no_grad where they want none):
+        G(z) for one step; for k steps the denoised estimate of this iteration's step, its input simulated from pure
+        noise by the steps before it (DMD2), or real data noised to its level (distill.step_input 'data'), whose
+        labels then replace the drawn ones."""
+        net = self.wrapped.generator
+        if self.steps == 1:
+            return net(z, labels), labels
+        if self.from_data and self.step > 0:
+            x, labels = self.real(self.cfg.batch)
+            return net(
+                self.generator.renoise(x, self.step, z[:, self.step]), labels, step=self.step, step_input=True
+            ), labels
+        return net(z[:, 0], labels, z[:, 1:], step=self.step), labels
 
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 + sigma n with sigma spread over the generator loss's Karras range."""
@@ -176,9 +198,8 @@ class Distillation:
         encoder) to tell real data from generated samples."""
         with self.accelerator.autocast():  # bf16 when run.precision is bf16; a no-op otherwise
             if samples is None:
-                z, labels = self.noise()
                 with torch.no_grad():
-                    x0 = self.wrapped.generator(z, labels)
+                    x0, labels = self.sample(*self.noise())
             else:
                 x0, labels = samples
             n = self.cfg.batch
@@ -201,7 +222,7 @@ class Distillation:
         self._freeze_fake(True)  # gradients reach the generator only, whatever the method
         try:
             with self.accelerator.autocast():
-                x0 = self.wrapped.generator(z, labels)
+                x0, labels = self.sample(z, labels)
                 x_sigma, sigma = self.noised(x0 if through else x0.detach())
                 with torch.set_grad_enabled(through):
                     d_fake = self.fake(x_sigma, sigma, labels)
@@ -217,7 +238,8 @@ class Distillation:
             self._freeze_fake(False)
         # The gap is unweighted: EDM's weight would let the small noise levels, where both scores differ by fitting noise
         # alone, drown the large ones, where the distributions' differences show.
-        out["gap"] = F.mse_loss(d_fake.detach().float(), d_target.detach().float()).item()
+        full = torch.get_default_dtype()  # bf16 outputs in fp32; fp64 (run.precision=fp64) kept in fp64
+        out["gap"] = F.mse_loss(d_fake.detach().to(full), d_target.detach().to(full)).item()
         return out, (x0.detach(), labels)
 
     def _freeze_fake(self, frozen: bool) -> None:
@@ -229,6 +251,8 @@ class Distillation:
             p.requires_grad_(not frozen)
 
     def train_step(self) -> dict[str, float]:
+        if self.steps > 1:  # one step per iteration, the same in every process: the global generator draws it alike
+            self.step = int(torch.randint(self.steps, ()))
         if self.cfg.reuse_samples:  # DMD2's order: the fake score's first update reuses the generator step's samples
             out, samples = self.generator_step()
             fake = [self.fake_step(samples if i == 0 else None) for i in range(self.cfg.fake_updates)]

@@ -71,11 +71,13 @@ def fit_data(cfg: Config, shape: tuple[int, ...] | list[int]) -> Config:
 
 
 def eval_noise(
-    cfg: Config, shape: tuple[int, ...], num_classes: int = 0, device=None
+    cfg: Config, shape: tuple[int, ...], num_classes: int = 0, device=None, steps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same latent noise (and balanced class labels) for every evaluation of every run, so that curves differ
-    only by the networks."""
-    z = torch.randn(cfg.data.n_eval, *shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+    only by the networks. With ``steps``, for a generator: N x steps x ... (its start and each step's fresh noise;
+    one step draws the same numbers as no steps axis)."""
+    size = (cfg.data.n_eval, *shape) if steps is None else (cfg.data.n_eval, steps, *shape)
+    z = torch.randn(*size, generator=torch.Generator().manual_seed(cfg.seed + 12345))
     labels = torch.arange(cfg.data.n_eval) % num_classes if num_classes else None
     return z.to(device), None if labels is None else labels.to(device)
 
@@ -86,6 +88,11 @@ def in_batches(fn, z: torch.Tensor, labels: torch.Tensor | None = None, batch: i
     return torch.cat(
         [fn(z[i : i + batch], None if labels is None else labels[i : i + batch]) for i in range(0, len(z), batch)]
     )
+
+
+def generator_noise(generator: torch.nn.Module, n: int, shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """Fresh noise for ``n`` samples of ``generator``: N x steps x ... (the global batch; a process takes its share)."""
+    return torch.randn(n, getattr(generator, "steps", 1), *shape, device=device)
 
 
 def teacher_samples(teacher: torch.nn.Module, cfg: Config, data: Data, num_classes: int = 0) -> np.ndarray:

@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import set_seed
 
 from disback.config import Config
+from disback.diffusion.generator import with_steps
 from disback.distributed import local, wait
 from disback.engine.loop import Callback, train_loop
 from disback.errors import DisbackError
@@ -18,7 +19,7 @@ from disback.method.lora import Adapted
 from disback.method.path import MANIFEST, DegradationPath
 from disback.method.recording import DistanceProbe, DistanceRecorder, StepRecorder, node_steps
 from disback.method.score_fitting import ScoreFitting
-from disback.stages.common import load_teacher, loop_options, metrics_log, resolve_teacher
+from disback.stages.common import generator_noise, load_teacher, loop_options, metrics_log, resolve_teacher
 from disback.stages.runtime import accelerator, sharded, speed_up
 from disback.stages.starts import keep_start, start_from
 from disback.storage.files import sha256_file
@@ -62,10 +63,10 @@ def record_path(
         """Samples of the initial generator: this process's share of n (all n for the probe, which every process
         evaluates alike)."""
         labels = torch.randint(classes, (n,), device=acc.device) if classes else None
-        z = torch.randn(n, *shape, device=acc.device)
+        z = generator_noise(generator0, n, shape, acc.device)  # k steps: the final samples of the whole rollout
         z, labels = (local(z), local(labels)) if share else (z, labels)
         with torch.no_grad():
-            return generator0(z, labels), labels
+            return with_steps(generator0)(z, labels), labels
 
     config = {
         **cfg.to_dict(),

@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from disback.config import Config
 from disback.config.choices import METHODS
 from disback.data import Data
+from disback.diffusion.generator import with_steps
 from disback.distributed import strided, wait
 from disback.engine.log import read_metrics
 from disback.engine.loop import Callback, train_loop
@@ -116,7 +117,8 @@ def distill(
         len(path), d.schedule, every=d.switch_every, ratio=d.switch_ratio, min_dwell=low, max_dwell=high
     )
     warn_short_walk(cfg, len(path))
-    real = DataSource(data, meta.num_classes, acc.device, cfg.seed + 3) if METHODS[d.method].gan else None
+    needs_data = METHODS[d.method].gan or (generator.steps > 1 and d.step_input == "data")
+    real = DataSource(data, meta.num_classes, acc.device, cfg.seed + 3) if needs_data else None
     task = Distillation(
         generator,
         fake,
@@ -133,10 +135,10 @@ def distill(
         fsdp=fsdp,
         fake_from_path=fake_start is None,
     )
-    z, labels = eval_noise(cfg, data.shape, meta.num_classes, acc.device)
+    z, labels = eval_noise(cfg, data.shape, meta.num_classes, acc.device, steps=generator.steps)
 
     def samples() -> np.ndarray:  # shared among processes, if several; every class alike in each
-        return data.from_model(strided(lambda zz, yy: in_batches(generator, zz, yy), z, labels))
+        return data.from_model(strided(lambda zz, yy: in_batches(with_steps(generator), zz, yy), z, labels))
 
     records = train_loop(
         task,

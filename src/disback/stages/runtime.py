@@ -10,22 +10,31 @@ from disback.distributed import state, world
 from disback.errors import DisbackError
 
 _ACCELERATOR: Accelerator | None = None
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16"}  # choices.PRECISIONS -> accelerate's mixed_precision
+_PRECISION = "fp32"
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp64": "no"}  # choices.PRECISIONS -> accelerate's mixed_precision
+DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}  # choices.PRECISIONS -> weights' dtype
 
 
-def accelerator(precision: str = "fp32") -> Accelerator:
-    """One Accelerator per process (Accelerate keeps global state); one process here, many under accelerate launch."""
-    global _ACCELERATOR
-    mixed = MIXED_PRECISION[precision]
+def accelerator(precision: str | None = None) -> Accelerator:
+    """One Accelerator per process (Accelerate keeps global state); one process here, many under accelerate launch.
+    ``precision`` (run.precision) is fixed by the first call; None: this process's, fp32 when nothing set it yet.
+
+    fp64 makes float64 torch's default dtype for the rest of the process: every network built, every noise draw and
+    every tensor made from Python numbers is float64, and so are Adam's states (they follow the weights); data comes
+    in through Data.to_model, which follows the default dtype too. Files keep their tensors' dtype (safetensors F64);
+    a file of either dtype loads into a network of the other (load_state_dict converts)."""
+    global _ACCELERATOR, _PRECISION
     if _ACCELERATOR is None:
+        _PRECISION = precision or "fp32"
         state()  # the process group first, so that a CPU-only machine runs several processes over gloo
-        _ACCELERATOR = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        torch.set_default_dtype(DTYPES[_PRECISION])
+        _ACCELERATOR = Accelerator(mixed_precision=MIXED_PRECISION[_PRECISION], cpu=not torch.cuda.is_available())
         # Training calls see fixed shapes, so cuDNN's search for the fastest convolution pays off after the first
         # call (NVlabs/edm trains this way too)
         torch.backends.cudnn.benchmark = torch.cuda.is_available()
-    elif _ACCELERATOR.mixed_precision != mixed:
+    elif precision is not None and precision != _PRECISION:
         raise DisbackError(
-            f"this process already runs with precision {_ACCELERATOR.mixed_precision}; run.precision={precision} "
+            f"this process already runs with precision {_PRECISION}; run.precision={precision} "
             "needs a process of its own (one command per precision)"
         )
     return _ACCELERATOR

@@ -15,6 +15,7 @@ import torch
 
 from disback.config import Config
 from disback.data import Data
+from disback.diffusion.generator import with_steps
 from disback.method.lora import Adapted
 from disback.method.mismatch import score_mismatch
 from disback.method.path import DegradationPath
@@ -134,8 +135,8 @@ def start_far(
     network = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
     start_from(network, generator or (path.initial_generator if path is not None else None), "generator", meta, cfg)
     teacher, network = teacher.to(device), network.to(device).eval()
-    z, labels = eval_noise(cfg, data.shape, meta.num_classes, device)
-    generated = in_batches(network, z, labels)
+    z, labels = eval_noise(cfg, data.shape, meta.num_classes, device, steps=network.steps)
+    generated = in_batches(with_steps(network), z, labels)
     real = real_labels = None
     if data.kind != "latents" or data.labels is not None:  # text runs have data only with --real
         pick = np.random.default_rng(cfg.seed).permutation(len(data.train))[: cfg.data.n_eval]

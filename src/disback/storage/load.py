@@ -26,7 +26,7 @@ class EDMConvention(nn.Module):
         self.normaliser = normaliser or {"mean": 0.5, "scale": 0.5}  # network units -> data units: x * scale + mean
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1)
         sigma = sigma.expand(len(x)) if sigma.numel() == 1 else sigma
         labels = class_labels
         if labels is not None and labels.is_floating_point():  # EDM's one-hot rows

@@ -24,7 +24,8 @@ class ModelMeta:
     data: str = ""  # the data set, file or prompts the model was made for
     num_classes: int = 0  # > 0: class-conditional (for text, the prompt table's rows)
     edm: dict[str, Any] | None = None  # the EDM settings a denoiser is sampled with (Karras schedule); None for text
-    sigma_g: float | None = None  # generators: the noise level of their one denoiser call
+    sigma_g: float | list[float] | None = None  # generators: the noise level of their one denoiser call, or the
+    #                                             descending levels of a k-step generator (text: spec["timestep"])
     source: str = ""  # a pretrained model's folder or hub id
     node: int | None = None  # path nodes: the node's index and the stage-1 step it was saved at
     step: int | None = None
@@ -46,8 +47,10 @@ class ModelMeta:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in header.items() if k in names})
 
-    def as_generator(self, sigma_g: float | None) -> "ModelMeta":
-        """This denoiser's description for the one-step generator made from it."""
+    def as_generator(self, sigma_g: float | list[float] | None) -> "ModelMeta":
+        """This denoiser's description for the generator made from it (one level: a number, as files always had)."""
+        if isinstance(sigma_g, (list, tuple)):
+            sigma_g = float(sigma_g[0]) if len(sigma_g) == 1 else [float(s) for s in sigma_g]
         return dataclasses.replace(self, role="generator", sigma_g=sigma_g, node=None, step=None)
 
     def as_node(self, index: int, step: int) -> "ModelMeta":

@@ -51,7 +51,7 @@ def encode_images(pipeline: str, images: list[Path], resolution: int, batch: int
     vae = load_component(AutoencoderKL, pipeline, "vae")
     latents = []
     for i in range(0, len(images), batch):
-        x = torch.stack([_image(p, resolution) for p in images[i : i + batch]])
+        x = torch.stack([_image(p, resolution) for p in images[i : i + batch]]).to(vae.dtype)  # fp64 under fp64
         latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
     return torch.cat(latents)
 

@@ -21,7 +21,7 @@ from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.runfolder import begin_stage
 from disback.text.captions import read_captions
 from disback.text.measure import LatentClip
-from disback.text.pipeline import PROMPT_TEXTS, export_text, import_text_teacher
+from disback.text.pipeline import PROMPT_TEXTS, check_timesteps, export_text, import_text_teacher
 from disback.text.prompts import load_component, read_prompts
 from disback.text.report import write_text_report
 
@@ -85,13 +85,23 @@ def run_text(
     ``backtrack`` is False: the baseline), distill over it, and export the pipeline; each part in its own folder
     under ``out``. ``generator`` and ``fake``: a one-step generator (e.g. DMD2's UNet state dict) and a fake score
     distilled before to start from (the original DisBack's recipe), converted once into ``out``."""
+    from diffusers import DDPMScheduler
+
     sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is imported
     if METHODS[cfg.distill.method].gan and real_file is None:
         raise DisbackError(
             f"method {cfg.distill.method} needs real images for its GAN term: give --real captions.jsonl "
             '(lines {"image": ..., "prompt": ...}), or use --method dmd, vsd or sid'
         )
+    steps = len(cfg.text.timestep) if isinstance(cfg.text.timestep, list) else 1
+    if steps > 1 and cfg.distill.step_input == "data" and real_file is None:
+        raise DisbackError(
+            "distill.step_input 'data' trains the steps on real latents noised to their timesteps: give --real "
+            "captions.jsonl, or leave distill.step_input at 'simulate' (DMD2's backward simulation)"
+        )
     check_text_starts(cfg, pipeline, generator, fake)
+    scheduler = load_component(DDPMScheduler.load_config, pipeline, "scheduler")
+    check_timesteps(cfg.text.timestep, int(scheduler.get("num_train_timesteps", 1000)))  # before anything is written
     out = Path(out)
     real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
     begin_stage(

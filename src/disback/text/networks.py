@@ -3,8 +3,8 @@
 TextDenoiser  the UNet2DConditionModel as a VP denoiser D(x; sigma, prompt); with ``guidance`` > 1 it returns the
               guided D_uncond + w (D_cond - D_uncond). The target has guidance (text.guidance, 8 in the original);
               the fake score and the degrading model have none.
-LCMGenerator  G(z, prompt): the UNet at one fixed timestep (text.timestep, 399) on z, computed exactly as diffusers'
-              LCMScheduler does a one-step sample, so the exported pipeline reproduces the generator.
+LCMGenerator  G(z, prompt): the UNet at fixed timesteps (text.timestep: 399, or a list for k steps) from z, computed
+              exactly as diffusers' LCMScheduler samples, so the exported pipeline reproduces the generator.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from disback.diffusion.denoisers import VPDenoiser
+from disback.diffusion.generator import FewStepGenerator
 from disback.errors import DisbackError
 from disback.storage.meta import ModelMeta
 from disback.text.prompts import Prompts
@@ -54,29 +55,47 @@ def _prompts(labels: torch.Tensor | None) -> torch.Tensor:
     return labels
 
 
-class LCMGenerator(nn.Module):
-    """G(z, prompt) = c_skip z + c_out x0_pred(UNet(z, t)): diffusers' LCMScheduler.step at timestep t, the last (and
-    only) step, so ``pipe(prompt, num_inference_steps=1, guidance_scale=0, timesteps=[t])`` samples this generator."""
+class LCMGenerator(FewStepGenerator):
+    """G(z, prompt): the UNet at fixed timesteps (text.timestep: one, e.g. 399, or a descending list such as DMD2's
+    [999, 749, 499, 249]), each step computed exactly as diffusers' LCMScheduler.step does it, so that
+    ``pipe(prompt, num_inference_steps=len(ts), guidance_scale=0, timesteps=ts)`` samples this generator:
+    x0 from the UNet's prediction, then c_skip x + c_out x0, then (except after the last step) re-noised with fresh
+    noise to the next timestep, sqrt(abar) x0 + sqrt(1 - abar) n."""
 
-    def __init__(self, denoiser: TextDenoiser, timestep: int, timestep_scaling: float = 10.0):
-        super().__init__()
-        self.denoiser, self.timestep = denoiser, int(timestep)
-        scaled = self.timestep * timestep_scaling
-        self.c_skip, self.c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5  # LCM's sigma_data 0.5
+    def __init__(self, denoiser: TextDenoiser, timestep: int | list[int], timestep_scaling: float = 10.0):
+        timesteps = [int(t) for t in (timestep if isinstance(timestep, (list, tuple)) else [timestep])]
+        super().__init__(denoiser, [float(t) for t in timesteps])  # the levels: LCM's timesteps
+        self.timesteps, self.timestep_scaling = timesteps, timestep_scaling
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.full((len(z),), self.timestep, device=z.device)
-        out = self.denoiser.call_unet(z, t, labels)
+    @property
+    def timestep(self) -> int | list[int]:
+        return self.timesteps[0] if len(self.timesteps) == 1 else list(self.timesteps)
+
+    def start(self, z: torch.Tensor) -> torch.Tensor:
+        return z  # LCMScheduler.init_noise_sigma is 1
+
+    def _abar(self, t: int) -> torch.Tensor:
         # abar_t from the denoiser's schedule (a buffer, loaded with the weights): sigma^2 = (1 - abar) / abar
-        abar = 1 / (1 + torch.exp(2 * self.denoiser.log_sigmas[self.timestep].double()))
+        return 1 / (1 + torch.exp(2 * self.denoiser.log_sigmas[t].double()))
+
+    def denoise(self, x: torch.Tensor, step: int, labels: torch.Tensor | None) -> torch.Tensor:
+        t = self.timesteps[step]
+        out = self.denoiser.call_unet(x, torch.full((len(x),), t, device=x.device), labels)
+        abar = self._abar(t)
         alpha, beta = float(abar.sqrt()), float((1 - abar).sqrt())
         kind = self.denoiser.prediction_type
         x0 = (
-            (z - beta * out) / alpha
+            (x - beta * out) / alpha
             if kind == "epsilon"
-            else (alpha * z - beta * out if kind == "v_prediction" else out)
+            else (alpha * x - beta * out if kind == "v_prediction" else out)
         )
-        return self.c_skip * z + self.c_out * x0
+        scaled = t * self.timestep_scaling
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5  # LCM's sigma_data 0.5
+        return c_skip * x + c_out * x0
+
+    def renoise(self, x0: torch.Tensor, step: int, noise: torch.Tensor) -> torch.Tensor:
+        abar = self._abar(self.timesteps[step])
+        return float(abar.sqrt()) * x0 + float((1 - abar).sqrt()) * noise
 
 
 def guide(target: nn.Module, scale: float) -> nn.Module:

@@ -24,7 +24,7 @@ UNET_BIN = "disback_unet_fp16.bin"  # the distilled UNet as a state dict, beside
 
 
 def import_text_teacher(
-    pipeline: str, prompts_file: Path, timestep: int, out: Path, real_file: Path | None = None
+    pipeline: str, prompts_file: Path, timestep: int | list[int], out: Path, real_file: Path | None = None
 ) -> Path:
     """teacher.safetensors (the pipeline's UNet as a TextDenoiser) and prompts.safetensors (the encoded prompts); with
     ``real_file``, real.safetensors too: the images' VAE latents, labelled by their captions' rows in the table (the
@@ -42,8 +42,7 @@ def import_text_teacher(
             prompts.append(caption)
     unet = load_component(UNet2DConditionModel, pipeline, "unet")
     scheduler = load_component(DDPMScheduler, pipeline, "scheduler")
-    if not 0 <= timestep < len(scheduler.alphas_cumprod):
-        raise DisbackError(f"text.timestep must be in [0, {len(scheduler.alphas_cumprod)}), got {timestep}")
+    check_timesteps(timestep, len(scheduler.alphas_cumprod))
     size = unet.config.sample_size
     xl = unet.config.addition_embed_type == "text_time"  # SDXL's UNet: pooled text and size/crop conditions
     resolution = size * vae_scale_factor(pipeline)
@@ -77,6 +76,16 @@ def import_text_teacher(
     path = Path(out) / TEACHER
     save_model(model, path, meta)
     return path
+
+
+def check_timesteps(timestep: int | list[int], num_timesteps: int) -> None:
+    """text.timestep (one, or a k-step generator's list) inside the teacher's schedule."""
+    for t in timestep if isinstance(timestep, list) else [timestep]:
+        if not 0 <= t < num_timesteps:
+            raise DisbackError(
+                f"text.timestep must lie in the teacher's schedule [0, {num_timesteps}), got {timestep}; e.g. 399, "
+                f"or [{num_timesteps - 1}, {3 * num_timesteps // 4 - 1}, {num_timesteps // 2 - 1}, {num_timesteps // 4 - 1}]"
+            )
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
