@@ -70,3 +70,37 @@ def test_lora_path_and_distillation_train_adapters_only_and_load_every_node_exac
         stages.distill(
             full, data, teacher_file, DegradationPath.load(path.root), tmp_path / "mismatch", show_progress=False
         )
+
+
+def test_a_lora_generator_trains_adapters_only_and_saves_the_merged_network_and_its_adapters(tiny_teacher, tmp_path):
+    """network.generator_lora_rank (DMD2's LoRA generator): adapters on the teacher's own weights; the run writes the
+    whole generator (adapters merged into a copy) and the adapters alone; checkpoints hold the adapters; it resumes."""
+    from test_resume import interrupted, same_files
+
+    teacher_file, _ = tiny_teacher
+    cfg = tiny_config(
+        network={"hidden": 64, "generator_lora_rank": 4},
+        distill={"steps": 12, "sigma_g": [2.5, 0.5]},
+        run={"checkpoint_every": 5, "keep": 3},
+    )
+    data = load_data(cfg.data, cfg.seed)
+    stages.distill(cfg, data, teacher_file, None, tmp_path / "a", show_progress=False)
+    teacher, _ = load_model(teacher_file)
+    generator, meta = load_model(tmp_path / "a" / "generator.safetensors")
+    adapters = load_file(str(tmp_path / "a" / "generator-lora.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert any(k.endswith("lora_B.default.weight") and v.abs().max() > 0 for k, v in adapters.items())  # trained
+    # the merged generator is the teacher's weights plus B A, checked against the adapters by hand on one layer
+    name = next(k for k in adapters if k.endswith("lora_A.default.weight")).split(".lora_A")[0]
+    layer = name.removeprefix("net.denoiser.")
+    a, b = adapters[f"{name}.lora_A.default.weight"], adapters[f"{name}.lora_B.default.weight"]
+    want = teacher.get_submodule(layer).weight + b @ a  # lora_alpha = rank: scale 1
+    torch.testing.assert_close(generator.denoiser.get_submodule(layer).weight, want)
+    z = torch.randn(8, 2)
+    assert not torch.equal(generator(z), load_model(teacher_file)[0](2.5 * z, torch.full((8,), 2.5)))
+    checkpoint = load_file(str(next((tmp_path / "a" / "checkpoints").glob("*.safetensors"))))
+    assert not any(k.startswith("task.generator.") and ".lora_" not in k for k in checkpoint)  # adapters only
+    interrupted(lambda resume, cbs: stages.distill(cfg, data, teacher_file, None, tmp_path / "b", False, resume, cbs), 7)
+    same_files(tmp_path / "a", tmp_path / "b", ["generator.safetensors", "generator-lora.safetensors"])
+    with pytest.raises(DisbackError, match="generator_lora_rank=4 trains adapters on the teacher's weights"):
+        stages.distill(cfg, data, teacher_file, None, tmp_path / "c", show_progress=False, generator=tmp_path / "a")

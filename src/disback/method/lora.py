@@ -43,6 +43,16 @@ class Adapted(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.net(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """What the adapted network offers (a generator's ``steps``, ``renoise``, ...), through the adapted copy."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            net = self._modules.get("net")
+            if net is None or name == "net":
+                raise
+            return getattr(net, name)
+
     def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
         """The adapters' tensors alone (the base is the teacher, which has a file of its own)."""
         out = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
@@ -62,11 +72,40 @@ class Adapted(nn.Module):
                 own[key].copy_(value)
 
 
+def trainable_generator(generator: nn.Module, rank: int, seed: int = 0) -> nn.Module:
+    """The generator to train: itself, or with ``rank`` > 0 LoRA adapters on its weights (which then stay frozen and
+    may be the teacher's own: DMD2's LoRA generator), starting exactly where it is. The adapters' random initial
+    factors come from ``seed``, so a run and its rerun start alike whatever ran before them in the process."""
+    if not rank:
+        return generator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Adapted(generator, rank)
+
+
+def merged(network: nn.Module) -> nn.Module:
+    """A whole network with the adapters of an ``Adapted`` one added into a copy of its weights (the shared base is
+    left as it is); any other network as it is. Its state_dict has the base network's keys, so it is saved and
+    loaded as a network of that architecture."""
+    if not isinstance(network, Adapted):
+        return network
+    from peft.tuners.lora import LoraLayer
+
+    dtype = next(p for p in network.parameters() if p.requires_grad).dtype  # the adapters' (a bf16 base is upcast)
+    net = copy.deepcopy(network.net).to(dtype)  # tensors copied too: merging writes into them
+    for name, module in list(net.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, module.get_base_layer())
+    return net
+
+
 def fake_and_target(teacher: nn.Module, rank: int, num_nodes: int) -> tuple[nn.Module, nn.Module]:
     """The fake score and the target for distillation over a path of ``num_nodes`` nodes: full copies of the teacher,
     or with ``rank`` > 0 adapters on it (the baseline's target is then the teacher itself: it never changes)."""
-    if not rank:
-        return copy.deepcopy(teacher), copy.deepcopy(teacher)
+    if not rank:  # trainable even when the teacher was frozen (as the base of a LoRA generator)
+        return copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher)
     return Adapted(teacher, rank), (Adapted(teacher, rank) if num_nodes > 1 else teacher.requires_grad_(False))
 
 

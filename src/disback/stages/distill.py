@@ -20,7 +20,7 @@ from disback.engine.log import read_metrics
 from disback.engine.loop import Callback, train_loop
 from disback.errors import DisbackError
 from disback.method.distillation import Distillation
-from disback.method.lora import fake_and_target, scratch
+from disback.method.lora import fake_and_target, merged, scratch, trainable_generator
 from disback.method.path import DegradationPath
 from disback.method.schedules import make_schedule
 from disback.stages.common import (
@@ -44,6 +44,7 @@ from disback.storage.runfolder import begin_stage
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"  # written last by a distillation run: the run is finished
+LORA_GENERATOR = "generator-lora.safetensors"  # network.generator_lora_rank: the generator's adapters alone
 
 
 def distill(
@@ -80,7 +81,17 @@ def distill(
     # Every check of what the run starts from comes before anything is written.
     teacher, meta = load_teacher(teacher_file)
     check_data_matches(data, meta, teacher_file)
-    net = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
+    rank = cfg.network.generator_lora_rank
+    if rank and generator is not None:
+        raise DisbackError(
+            f"network.generator_lora_rank={rank} trains adapters on the teacher's weights, so the generator starts as "
+            f"the teacher; to start from {generator}, set network.generator_lora_rank=0"
+        )
+    # the generator: a copy of the teacher, or (LoRA) adapters on the teacher's own weights, which stay frozen
+    if rank:
+        net = trainable_generator(kind_of(meta).generator(teacher, meta, cfg.distill.sigma_g), rank, cfg.seed + 5)
+    else:
+        net = generator_from_teacher(teacher, meta, cfg.distill.sigma_g)
     start = start_from(net, generator, "generator", meta, cfg)
     check_path_start(path, start)
     fake_start = check_start(fake, "denoiser", teacher, meta, cfg)
@@ -151,7 +162,10 @@ def distill(
         **loop_options(cfg, out, resume),
     )
     save_array(out / "samples.npy", samples())
-    save_model(generator, out / "generator.safetensors", meta.as_generator(d.sigma_g))
+    # the whole generator (LoRA: its adapters merged into a copy of the teacher's weights), and LoRA's adapters alone
+    save_model(merged(generator), out / "generator.safetensors", meta.as_generator(d.sigma_g))
+    if rank:
+        save_model(generator, out / LORA_GENERATOR, meta.as_generator(d.sigma_g).as_adapters(rank))
     save_model(fake, out / "fake.safetensors", meta.as_adapters(cfg.network.lora_rank))
     # switch_seconds: the loop's wait at each switch in this process (a resumed run times only its own)
     result = {"switches": task.switches, "nodes": len(path), "switch_seconds": task.switch_seconds}
