@@ -14,7 +14,8 @@ and differs from the others only in the four coefficients (``coefficients()``):
 | EDMPrecond   | sd^2/(sigma^2+sd^2) | sigma sd/sqrt(sigma^2+sd^2) | 1/sqrt(sd^2+sigma^2) | ln(sigma)/4                 |
 | Precond      | as EDMPrecond (EDM2)                                                                          |
 
-(sd = sigma_data.) The coefficients and ``D`` are computed in float32 whatever the caller's dtype; the backbone runs
+(sd = sigma_data.) The coefficients and ``D`` are computed in float32 whatever the caller's dtype (float64 inputs
+stay float64); the backbone runs
 in float16 iff ``use_fp16`` and not ``force_fp32`` and the input is on CUDA, as in EDM. iDDPM's backbone predicts
 ``2 * img_channels`` channels, of which the first ``img_channels`` are used.
 
@@ -103,12 +104,13 @@ class _Preconditioner(nn.Module):
         return torch.as_tensor(sigma)
 
     def model_dtype(self, x: torch.Tensor, force_fp32: bool = False) -> torch.dtype:
-        """float16 iff ``use_fp16`` and not ``force_fp32`` and ``x`` is on CUDA, as EDM decides."""
-        return torch.float16 if (self.use_fp16 and not force_fp32 and x.is_cuda) else torch.float32
+        """float16 iff ``use_fp16`` and not ``force_fp32`` and ``x`` is on CUDA, as EDM decides; else float32 (float64
+        for float64 inputs: disback's run.precision=fp64)."""
+        return torch.float16 if (self.use_fp16 and not force_fp32 and x.is_cuda) else full(x)
 
     def prepare_sigma(self, sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``sigma`` as float32 ``[N, 1, 1, 1]`` (or ``[1, 1, 1, 1]``, which broadcasts) on ``x``'s device."""
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        sigma = torch.as_tensor(sigma, device=x.device).to(full(x)).reshape(-1, 1, 1, 1)
         if sigma.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"sigma has {sigma.shape[0]} values for a batch of {x.shape[0]}")
         return sigma
@@ -119,10 +121,10 @@ class _Preconditioner(nn.Module):
         if self.label_dim == 0:
             return None
         if class_labels is None:
-            return torch.zeros([1, self.label_dim], device=x.device)
+            return torch.zeros([1, self.label_dim], device=x.device, dtype=full(x))
         if not (class_labels.is_floating_point() or class_labels.dtype == torch.bool) and class_labels.ndim == 1:
-            return _one_hot(class_labels, self.label_dim)
-        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+            return _one_hot(class_labels, self.label_dim).to(full(x))
+        return class_labels.to(full(x)).reshape(-1, self.label_dim)
 
     def forward(
         self,
@@ -132,14 +134,19 @@ class _Preconditioner(nn.Module):
         force_fp32: bool = False,
         **model_kwargs: Any,
     ) -> torch.Tensor:
-        x = x.to(torch.float32)
+        x = x.to(full(x))
         sigma = self.prepare_sigma(sigma, x)
         class_labels = self.prepare_labels(class_labels, x)
         dtype = self.model_dtype(x, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.backbone()((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         F_x = F_x[:, : self.img_channels]  # iDDPM's backbone also predicts a variance: its second half of channels
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip * x + c_out * F_x.to(x.dtype)
+
+
+def full(x: torch.Tensor) -> torch.dtype:
+    """The dtype the preconditioning is computed in: float32, as EDM computes it, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _one_hot(indices: torch.Tensor, label_dim: int) -> torch.Tensor:

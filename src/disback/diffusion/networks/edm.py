@@ -189,7 +189,7 @@ class Conv2d(_InitSettings, nn.Conv2d):
 
 def resample_kernel(taps: Sequence[float]) -> torch.Tensor:
     """The separable 2-D resampling filter ``outer(f, f) / sum(f)^2``, shaped ``[1, 1, L, L]`` (unit DC gain)."""
-    f = torch.as_tensor(taps, dtype=torch.float32)
+    f = torch.as_tensor(taps, dtype=torch.get_default_dtype())  # exact binary fractions in any float type
     return f.ger(f).unsqueeze(0).unsqueeze(1) / f.sum().square()
 
 
@@ -341,10 +341,11 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``softmax_k(q^T k / sqrt(c))`` for ``q, k`` of shape ``[batch·heads, c, tokens]`` -> ``[batch·heads, q, k]``.
 
     As in EDM: ``k`` is scaled in the model's dtype, the product and softmax run in float32 (half precision would
-    overflow or lose the small weights), and the weights come back in the model's dtype.
+    overflow or lose the small weights; float64 stays float64), and the weights come back in the model's dtype.
     """
     scaled_k = k / math.sqrt(k.shape[1])
-    logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), scaled_k.to(torch.float32))
+    work = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.einsum("ncq,nck->nqk", q.to(work), scaled_k.to(work))
     return logits.softmax(dim=2).to(q.dtype)
 
 
