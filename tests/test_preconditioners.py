@@ -104,10 +104,11 @@ def backbone(net: nn.Module) -> StandIn:
 def test_coefficients_match_the_formulas(kind):
     net = build(kind)
     sigma = SIGMAS if kind != "iddpm" else net.u[torch.tensor([998, 700, 300, 3])]
-    x = torch.randn(N, C, RES, RES, dtype=torch.float64)
+    x32 = torch.randn(N, C, RES, RES)
+    x = x32.double()
     u = net.u.double() if kind == "iddpm" else None
     c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in expected(kind, sigma, u=u))
-    out = net(x, sigma)
+    out = net(x32, sigma)
     call = backbone(net).calls[-1]
     assert call["x"].dtype == torch.float32 and out.dtype == torch.float32  # computed in float32 on CPU
     torch.testing.assert_close(call["x"].double(), c_in * x, rtol=1e-6, atol=1e-6)
@@ -215,8 +216,9 @@ def test_model_dtype_is_fp16_only_on_cuda_when_asked():
     net = build("edm", use_fp16=True)
     x = torch.randn(N, C, RES, RES)
     assert net.model_dtype(x) == torch.float32  # CPU: float32 whatever use_fp16 says
-    assert net(x.double(), SIGMAS).dtype == torch.float32
+    assert net(x.bfloat16(), SIGMAS).dtype == torch.float32  # half inputs: preconditioned in float32, as EDM does
     assert net.model.calls[-1]["x"].dtype == torch.float32
+    assert net(x.double(), SIGMAS).dtype == torch.float64  # float64 stays float64 (run.precision=fp64)
     net.model_dtype = lambda x, force_fp32=False: torch.float32 if force_fp32 else torch.float16  # as on CUDA
     net(x, SIGMAS)
     assert net.model.calls[-1]["x"].dtype == torch.float16
