@@ -73,3 +73,28 @@ class VPDenoiser(nn.Module):
         if self.prediction_type == "v_prediction":  # x0 = abar * x - sqrt(1 - abar) * v, abar = 1 / (1 + sigma^2)
             return x / (s**2 + 1) - s / (s**2 + 1).sqrt() * out
         return out
+
+
+class FlowDenoiser(nn.Module):
+    """A rectified-flow model (SD3, FLUX.1: x_t = (1 - t) x0 + t n, the network predicting the velocity v = n - x0)
+    seen as a denoiser D(x; sigma) in EDM's units:
+
+        sigma = t / (1 - t),  x_t = x_sigma / (1 + sigma),  D(x_sigma; sigma) = x_t - t v(x_t, t)
+
+    (x_sigma = x0 + sigma n is x_t / (1 - t)). The network sees the true t; a teacher trained with shifted timesteps
+    differs in which t it was trained and sampled at, not in this map. ``call_model`` is the network's raw velocity
+    at flow time ``t`` in [0, 1]; subclasses add its conditions (prompts, latent packing)."""
+
+    def call_model(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flow_x0(self, x_t: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoised estimate at flow time ``t`` (per sample, or one for all), in the flow's own units: x_t - t v;
+        defined at t = 1 (pure noise) too, where EDM's sigma is infinite."""
+        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
+        return x_t - t.reshape(-1, *([1] * (x_t.ndim - 1))) * self.call_model(x_t, t, labels)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return self.flow_x0(x / (1 + s), sigma / (1 + sigma), labels)

@@ -97,3 +97,20 @@ def with_steps(generator: nn.Module) -> Callable[..., torch.Tensor]:
         return generator(noise[:, 0], labels, noise[:, 1:])
 
     return run
+
+
+class FlowGenerator(FewStepGenerator):
+    """A generator on a rectified-flow denoiser (``FlowDenoiser``) at flow times ``times`` (descending, in (0, 1]),
+    each step as diffusers' FlowMatchEulerDiscreteScheduler takes it: from pure noise, x0 = x_t - t v(x_t, t), and
+    (except after the last step) re-noised with fresh noise to the next time, (1 - t) x0 + t n, its stochastic
+    sampling. One step at t = 1 is the scheduler's single Euler step from noise to t = 0: x0 = z - v(z, 1)."""
+
+    def start(self, z: torch.Tensor) -> torch.Tensor:
+        return z  # the pipelines start every schedule from unit noise
+
+    def denoise(self, x: torch.Tensor, step: int, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.denoiser.flow_x0(x, self.sigmas[step], labels)
+
+    def renoise(self, x0: torch.Tensor, step: int, noise: torch.Tensor) -> torch.Tensor:
+        t = self.sigmas[step]
+        return (1 - t) * x0 + t * noise
