@@ -100,7 +100,9 @@ def test_a_lora_generator_trains_adapters_only_and_saves_the_merged_network_and_
     assert not torch.equal(generator(z), load_model(teacher_file)[0](2.5 * z, torch.full((8,), 2.5)))
     checkpoint = load_file(str(next((tmp_path / "a" / "checkpoints").glob("*.safetensors"))))
     assert not any(k.startswith("task.generator.") and ".lora_" not in k for k in checkpoint)  # adapters only
-    interrupted(lambda resume, cbs: stages.distill(cfg, data, teacher_file, None, tmp_path / "b", False, resume, cbs), 7)
+    interrupted(
+        lambda resume, cbs: stages.distill(cfg, data, teacher_file, None, tmp_path / "b", False, resume, cbs), 7
+    )
     same_files(tmp_path / "a", tmp_path / "b", ["generator.safetensors", "generator-lora.safetensors"])
     with pytest.raises(DisbackError, match="generator_lora_rank=4 trains adapters on the teacher's weights"):
         stages.distill(cfg, data, teacher_file, None, tmp_path / "c", show_progress=False, generator=tmp_path / "a")
