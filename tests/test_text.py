@@ -289,6 +289,150 @@ def test_both_stages_from_a_prompts_file_and_the_export_samples_with_plain_diffu
     assert json.loads((tmp_path / "again" / "model_index.json").read_text())["scheduler"][1] == "LCMScheduler"
 
 
+# In a fresh process: a k-step export sampled by plain diffusers with DMD2's call and a seeded torch.Generator, which
+# draws the initial latents and then each step's fresh noise (LCMScheduler.step), in that order; disback's generator
+# given the same draws must give the same latents. Then the LoRA generator's adapters, loaded into the base pipeline
+# and fused, must sample what the merged export samples.
+SAMPLE_STEPS = """
+import json, sys, torch
+from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from disback.storage.models import load_model
+export, base, generator_file, table_file = sys.argv[1:5]
+TIMESTEPS = [999, 749, 499, 249]
+
+def sample(pipe, seed, **prompt):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(**prompt, num_inference_steps=4, guidance_scale=0, timesteps=TIMESTEPS, generator=generator,
+                output_type="latent").images
+
+def ours(seed):
+    draws = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 4, 8, 8, generator=draws)  # the pipeline's initial latents
+    noise = torch.stack([torch.randn(1, 4, 8, 8, generator=draws) for _ in TIMESTEPS[1:]], dim=1)  # steps 2, 3, 4
+    with torch.no_grad():
+        return generator(z, torch.tensor([0]), noise)  # prompt 0 is "a red square"
+
+def most(a, b):
+    return float((a - b).abs().max())
+
+pipe = DiffusionPipeline.from_pretrained(export)
+assert isinstance(pipe.scheduler, LCMScheduler), type(pipe.scheduler)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # DMD2's snippet sets it; it changes nothing
+generator, _ = load_model(generator_file)
+assert generator.steps == 4
+table = load_file(table_file)
+embeds = dict(prompt_embeds=table["embeds"][:1], pooled_prompt_embeds=table["pooled"][:1])
+out = {"embeds": [], "text": [], "lora": [], "base": []}
+base_pipe = DiffusionPipeline.from_pretrained(base)
+base_pipe.scheduler = LCMScheduler.from_config(base_pipe.scheduler.config)
+merged = {}
+for seed in range(3):
+    mine = ours(seed)
+    out["embeds"].append(most(sample(pipe, seed, **embeds), mine))  # the table's own embeddings
+    merged[seed] = sample(pipe, seed, prompt="a red square")
+    out["text"].append(most(merged[seed], mine))  # the prompt encoded again, alone
+    out["base"].append(most(sample(base_pipe, seed, prompt="a red square"), merged[seed]))
+base_pipe.load_lora_weights(export)  # DMD2's LoRA snippet: into the base pipeline, fused at scale 1
+base_pipe.fuse_lora()
+for seed in range(3):
+    out["lora"].append(most(sample(base_pipe, seed, prompt="a red square"), merged[seed]))
+# DMD2's 4-step snippet, unchanged but for the model, the file, the device and the dtype
+unet = UNet2DConditionModel.from_config(base, subfolder="unet")
+unet.load_state_dict(torch.load(export + "/disback_unet_fp16.bin", map_location="cpu"))
+pipe = DiffusionPipeline.from_pretrained(base, unet=unet)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+image = pipe(prompt="a red square", num_inference_steps=4, guidance_scale=0, timesteps=[999, 749, 499, 249]).images[0]
+assert image.size == (16, 16), image.size
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_four_step_lora_generator_exports_a_pipeline_that_dmd2s_snippets_sample_exactly(tmp_path, capsys):
+    """DMD2's 4-step SDXL recipe on a tiny SDXL-style pipeline: text.timestep=[999, 749, 499, 249] and a LoRA
+    generator (network.generator_lora_rank), both stages. The export sampled by plain diffusers (stock LCMScheduler,
+    a seeded torch.Generator) equals disback's own rollout given the same draws; the adapters, in diffusers' LoRA
+    format, loaded into the base pipeline and fused, sample what the merged export samples."""
+    from safetensors import safe_open
+
+    pipeline = build_pipeline(tmp_path, xl=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "run"
+    few = ["--set", "text.timestep=[999,749,499,249]", "--set", "network.generator_lora_rank=4"]
+    # LoRA fake score and nodes, as the SDXL recipe runs; a large step so that the adapters change the samples
+    more = ["--set", "network.lora_rank=4", "--set", "distill.lr_generator=0.001"]
+    command = ["-m", "disback", "text", "--pretrained", str(pipeline), "--prompts", str(prompts), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, *command, *TINY_TEXT, *few, *more], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "num_inference_steps=4, guidance_scale=0, timesteps=[999, 749, 499, 249]" in proc.stdout, proc.stdout
+
+    folder = out / "pipeline"
+    record = json.loads((folder / "disback.json").read_text())
+    assert record["timestep"] == [999, 749, 499, 249] and record["source"] == str(pipeline)
+    assert record["lora"] == {"file": "pytorch_lora_weights.safetensors", "rank": 4, "lora_alpha": 4}
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert keys and all(k.startswith("unet.") and ".default." not in k and ".lora_" in k for k in keys)
+    assert config["unet.r"] == config["unet.lora_alpha"] == 4
+    guide = (folder / "DISBACK.md").read_text()
+    assert (
+        guide.startswith("4-step generator") and "pipe.load_lora_weights(" in guide and "timesteps=[999, 749" in guide
+    )
+    assert "takes 4 steps, at timesteps [999, 749, 499, 249]" in (out / "report.md").read_text()
+
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SAMPLE_STEPS,
+            str(folder),
+            str(pipeline),
+            str(out / "disback" / "generator.safetensors"),
+            str(out / "teacher" / "prompts.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    measured = json.loads(sample.stdout.strip().splitlines()[-1])
+    print("max differences", measured)
+    assert max(measured["embeds"]) <= 1e-5, measured  # the scheduler's draws and arithmetic, exactly
+    # the prompt encoded alone rather than in the table's batch differs in its last bits, which 4 steps amplify
+    assert max(measured["text"]) <= 1e-4, measured
+    assert max(measured["lora"]) <= 1e-4, measured  # base + fused adapters = the merged export
+    assert min(measured["base"]) > 1e-2, measured  # and the adapters matter: the base pipeline alone differs
+
+    # `disback sample` says how to sample a k-step generator
+    assert main(["sample", str(out / "disback" / "generator.safetensors"), "--out", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' warnings on its first import here
+    assert err.startswith("error: ") and "4-step pipeline" in err and "timesteps=[999, 749, 499, 249]" in err, err
+
+
+def test_text_steps_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    """distill.sigma_g as a list (a text generator's steps are text.timestep), and text.timestep entries outside the
+    teacher's schedule: one line each, naming the fix, and no folder written."""
+    pipeline = build_pipeline(tmp_path, xl=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["text", "--pretrained", str(pipeline), "--prompts", str(prompts), *TINY_TEXT, "--out", str(tmp_path / "o")]
+    for setting, message in (
+        ("distill.sigma_g=[10,1]", "a text generator's steps are text.timestep"),
+        ("text.timestep=[1200,500]", "text.timestep must lie in the teacher's schedule [0, 1000)"),
+    ):
+        capsys.readouterr()
+        assert main([*args, "--set", setting]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert "[999, 749, 499, 249]" in err or "[999,749,499,249]" in err  # the fix, by example
+        assert not (tmp_path / "o").exists()
+
+
 def test_a_student_of_another_architecture_is_refused_before_the_teacher_is_imported(tmp_path, capsys):
     """An SD1.5 UNet state dict given for an SDXL pipeline (and an SDXL one for SD1.5): one line naming the keys that
     differ, and nothing written."""

@@ -1,4 +1,5 @@
-"""The text-to-image plugin: a Stable Diffusion 1.5 or SDXL pipeline's UNet distilled to one step on the same engine.
+"""The text-to-image plugin: a Stable Diffusion 1.5 or SDXL pipeline's UNet distilled to one step (or a few) on the same
+engine.
 
 Prompts are encoded once into a table (prompts.py) and are then class labels to the engine: drawn per batch, split
 across processes, balanced at evaluation, checkpointed. Importing this package registers the model kind "text" with
@@ -10,7 +11,7 @@ from disback.storage.kinds import ModelKind, register_kind
 from disback.text.captions import encode_images, read_captions
 from disback.text.job import check_text_starts, run_text
 from disback.text.networks import LCMGenerator, TextDenoiser, generator, guide, rebuild
-from disback.text.pipeline import export_text, import_text_teacher, sample_command
+from disback.text.pipeline import export_text, import_text_teacher, sample_command, steps_name
 from disback.text.prompts import Prompts, read_prompts
 
 register_kind(
@@ -20,8 +21,8 @@ register_kind(
         generator=generator,
         target=lambda target, cfg: guide(target, cfg.text.guidance),  # classifier-free guidance on the target only
         sampled_by=lambda meta: (
-            "sample its one-step pipeline (`disback text` wrote one beside the run, or `disback export "
-            "RUN --out PIPE` writes one): " + sample_command("PIPE", meta.spec["timestep"])
+            f"sample its {steps_name(meta.spec['timestep'])} pipeline (`disback text` wrote one beside the run, or "
+            "`disback export RUN --out PIPE` writes one): " + sample_command("PIPE", meta.spec["timestep"])
         ),
         export=export_text,
     ),

@@ -52,7 +52,8 @@ def encode_images(pipeline: str, images: list[Path], resolution: int, batch: int
     latents = []
     for i in range(0, len(images), batch):
         x = torch.stack([_image(p, resolution) for p in images[i : i + batch]]).to(vae.dtype)  # fp64 under fp64
-        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        shift = vae.config.get("shift_factor") or 0.0  # SD3's and FLUX's VAEs; none for SD1.5 / SDXL
+        latents.append((vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor)
     return torch.cat(latents)
 
 

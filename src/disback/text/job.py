@@ -87,6 +87,11 @@ def run_text(
     distilled before to start from (the original DisBack's recipe), converted once into ``out``."""
     from diffusers import DDPMScheduler
 
+    if isinstance(cfg.distill.sigma_g, list):
+        raise DisbackError(
+            f"distill.sigma_g={cfg.distill.sigma_g}: a text generator's steps are text.timestep, not noise levels; "
+            "leave distill.sigma_g a number and give the timesteps, e.g. --set text.timestep=[999,749,499,249]"
+        )
     sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is imported
     if METHODS[cfg.distill.method].gan and real_file is None:
         raise DisbackError(

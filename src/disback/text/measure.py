@@ -23,10 +23,12 @@ class LatentClip:
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents in the UNet's units (scaled by the VAE's factor) -> images N x 3 x H x W in [0, 1]."""
+        """Latents in the network's units ((VAE latent - shift) x scale: SD3's and FLUX's VAEs have a shift) -> images
+        N x 3 x H x W in [0, 1]."""
         out = []
+        scale, shift = self.vae.config.scaling_factor, self.vae.config.get("shift_factor") or 0.0
         for i in range(0, len(latents), self.batch):
-            x = latents[i : i + self.batch].to(self.score.device, self.vae.dtype) / self.vae.config.scaling_factor
+            x = latents[i : i + self.batch].to(self.score.device, self.vae.dtype) / scale + shift
             out.append((self.vae.decode(x).sample.float() / 2 + 0.5).clamp(0, 1).cpu())
         return torch.cat(out)
 

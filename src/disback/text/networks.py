@@ -20,6 +20,8 @@ from disback.errors import DisbackError
 from disback.storage.meta import ModelMeta
 from disback.text.prompts import Prompts
 
+TIMESTEP_ALPHAS = "timestep_alphas_cumprod"  # a text model's spec: LCMScheduler's abar at each of text.timestep's
+
 
 class TextDenoiser(VPDenoiser):
     """A UNet2DConditionModel as a VP denoiser whose ``labels`` are prompt indices; classifier-free guided when
@@ -60,12 +62,26 @@ class LCMGenerator(FewStepGenerator):
     [999, 749, 499, 249]), each step computed exactly as diffusers' LCMScheduler.step does it, so that
     ``pipe(prompt, num_inference_steps=len(ts), guidance_scale=0, timesteps=ts)`` samples this generator:
     x0 from the UNet's prediction, then c_skip x + c_out x0, then (except after the last step) re-noised with fresh
-    noise to the next timestep, sqrt(abar) x0 + sqrt(1 - abar) n."""
+    noise to the next timestep, sqrt(abar) x0 + sqrt(1 - abar) n.
 
-    def __init__(self, denoiser: TextDenoiser, timestep: int | list[int], timestep_scaling: float = 10.0):
+    ``alphas_cumprod``: LCMScheduler's abar at each timestep (float32, as the teacher's import recorded them). The
+    scalars are the scheduler's own float32 CPU tensors, operation for operation, so that a float32 rollout equals
+    the pipeline's bit for bit: a 4-step rollout amplifies a last-bit difference in abar (1/sqrt(abar) is 14.6 at
+    t = 999) to about 1e-5. Without them (a teacher imported before they were recorded) abar comes from the
+    denoiser's schedule, which agrees to about 1e-7."""
+
+    def __init__(
+        self,
+        denoiser: TextDenoiser,
+        timestep: int | list[int],
+        alphas_cumprod: list[float] | None = None,
+        timestep_scaling: float = 10.0,
+    ):
         timesteps = [int(t) for t in (timestep if isinstance(timestep, (list, tuple)) else [timestep])]
         super().__init__(denoiser, [float(t) for t in timesteps])  # the levels: LCM's timesteps
-        self.timesteps, self.timestep_scaling = timesteps, timestep_scaling
+        if alphas_cumprod is not None and len(alphas_cumprod) != len(timesteps):
+            raise ValueError(f"{len(alphas_cumprod)} values of alphas_cumprod for the timesteps {timesteps}")
+        self.timesteps, self.alphas_cumprod, self.timestep_scaling = timesteps, alphas_cumprod, timestep_scaling
 
     @property
     def timestep(self) -> int | list[int]:
@@ -74,28 +90,36 @@ class LCMGenerator(FewStepGenerator):
     def start(self, z: torch.Tensor) -> torch.Tensor:
         return z  # LCMScheduler.init_noise_sigma is 1
 
-    def _abar(self, t: int) -> torch.Tensor:
-        # abar_t from the denoiser's schedule (a buffer, loaded with the weights): sigma^2 = (1 - abar) / abar
-        return 1 / (1 + torch.exp(2 * self.denoiser.log_sigmas[t].double()))
+    def _abar(self, step: int) -> torch.Tensor:
+        """abar at step ``step``'s timestep as LCMScheduler holds it: a float32 tensor on the CPU."""
+        if self.alphas_cumprod is not None:
+            return torch.tensor(self.alphas_cumprod[step], dtype=torch.float32)
+        # from the denoiser's schedule (a buffer, loaded with the weights): sigma^2 = (1 - abar) / abar
+        log_sigma = self.denoiser.log_sigmas[self.timesteps[step]].detach().cpu().double()
+        return (1 / (1 + torch.exp(2 * log_sigma))).float()
+
+    def _boundary(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LCM's c_skip and c_out at timestep ``t`` (sigma_data 0.5), in float32 as the scheduler computes them."""
+        scaled = torch.tensor(float(t), dtype=torch.float32) * self.timestep_scaling
+        return 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
 
     def denoise(self, x: torch.Tensor, step: int, labels: torch.Tensor | None) -> torch.Tensor:
         t = self.timesteps[step]
         out = self.denoiser.call_unet(x, torch.full((len(x),), t, device=x.device), labels)
-        abar = self._abar(t)
-        alpha, beta = float(abar.sqrt()), float((1 - abar).sqrt())
-        kind = self.denoiser.prediction_type
-        x0 = (
-            (x - beta * out) / alpha
-            if kind == "epsilon"
-            else (alpha * x - beta * out if kind == "v_prediction" else out)
-        )
-        scaled = t * self.timestep_scaling
-        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5  # LCM's sigma_data 0.5
-        return c_skip * x + c_out * x0
+        alpha_prod, kind = self._abar(step), self.denoiser.prediction_type
+        beta_prod = 1 - alpha_prod
+        if kind == "epsilon":
+            x0 = (x - beta_prod.sqrt() * out) / alpha_prod.sqrt()
+        elif kind == "v_prediction":
+            x0 = alpha_prod.sqrt() * x - beta_prod.sqrt() * out
+        else:
+            x0 = out
+        c_skip, c_out = self._boundary(t)
+        return c_out * x0 + c_skip * x
 
     def renoise(self, x0: torch.Tensor, step: int, noise: torch.Tensor) -> torch.Tensor:
-        abar = self._abar(self.timesteps[step])
-        return float(abar.sqrt()) * x0 + float((1 - abar).sqrt()) * noise
+        alpha_prod = self._abar(step)
+        return alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
 
 
 def guide(target: nn.Module, scale: float) -> nn.Module:
@@ -123,6 +147,6 @@ def rebuild(meta: ModelMeta, folder: Path) -> TextDenoiser:
     return TextDenoiser(unet, torch.full((spec["num_timesteps"],), 0.5), spec["prediction_type"], Prompts.load(table))
 
 
-def generator(denoiser: TextDenoiser, meta: ModelMeta, sigma_g: float) -> LCMGenerator:
-    """A text denoiser's generator runs at the fixed timestep of its file (text.timestep), not at sigma_g."""
-    return LCMGenerator(denoiser, meta.spec["timestep"])
+def generator(denoiser: TextDenoiser, meta: ModelMeta, sigma_g: float | list[float]) -> LCMGenerator:
+    """A text denoiser's generator runs at the fixed timesteps of its file (text.timestep), not at sigma_g."""
+    return LCMGenerator(denoiser, meta.spec["timestep"], meta.spec.get(TIMESTEP_ALPHAS))

@@ -1,5 +1,5 @@
-"""report.md and curves.png of a `disback text` run: the CLIP score (with eval.clip) and the losses against generator
-steps, the run's settings, and how far the generator started from the teacher."""
+"""report.md and curves.png of a `disback text` run: how many steps the generator takes, the CLIP score (with eval.clip)
+and the losses against generator steps, the run's settings, and how far the generator started from the teacher."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 
 from disback.engine.log import read_metrics
 from disback.jobs.report import fmt, pyplot, save_png
+from disback.stages.distill import LORA_GENERATOR
 from disback.storage.files import write_text
+from disback.storage.meta import read_meta
+from disback.text.pipeline import steps_name, steps_of
 
 CURVES = ("clip_score", "loss_generator", "loss_fake")
 
@@ -44,7 +47,11 @@ def write_text_report(out: Path, run: Path) -> Path:
         else ""
     )
     distance = f"{fmt(far['path_distance'])}" if far and far.get("path_distance") is not None else "no path"
+    timestep = read_meta(run / "generator.safetensors").spec["timestep"]
+    generator = generator_line(timestep, (run / LORA_GENERATOR).is_file())
     text = f"""# disback text: `{out}`
+
+{generator}
 
 {clip}; {len(switches)} target switch(es) at steps {switches or "none"}.
 
@@ -59,7 +66,18 @@ unless --real images were given); the degradation path's total distance from the
 |---|---|
 {rows}
 
-The one-step pipeline is in `pipeline/` (see its DISBACK.md for the call that samples it).
+The {steps_name(timestep)} pipeline is in `pipeline/` (see its DISBACK.md for the calls that sample it).
 """
     write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def generator_line(timestep: int | list[int], lora: bool) -> str:
+    """How many steps the generator takes, at which timesteps, and whether it was trained as LoRA adapters."""
+    steps = steps_of(timestep)
+    what = (
+        f"The generator takes one step, at timestep {steps[0]}"
+        if len(steps) == 1
+        else f"The generator takes {len(steps)} steps, at timesteps {steps} (re-noised between steps, as LCMScheduler does)"
+    )
+    return what + (", trained as LoRA adapters on the teacher's UNet." if lora else ".")
