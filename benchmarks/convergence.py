@@ -18,6 +18,7 @@ teacher's value and for the baseline's final value, the generator steps and wall
 table.md (summary and the full per-threshold tables, for BENCHMARKS.md) and one curves-<data>.png per data set.
 --jobs runs (data, seed, method) jobs in parallel processes, one thread each; each
 writes OUT/<data>/seed-<k>/<method>/result.json when done, and --reuse rebuilds the tables from those.
+benchmarks/fewstep.py runs k-step generators (1, 2, 4 steps) and LoRA generators on this machinery.
 """
 
 from __future__ import annotations

@@ -127,11 +127,12 @@ def sample(base: Path, export: Path, batch: int, steps: int, repeats: int, devic
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     timestep = json.loads((export / "disback.json").read_text())["timestep"]
+    ts = list(timestep) if isinstance(timestep, list) else [timestep]  # a k-step generator's timesteps
     prompts = ["a photograph of an astronaut riding a horse"] * batch
     family = "sdxl" if (base / "text_encoder_2").is_dir() else "sd15"
     out = {"part": "sampling", "family": family, "batch": batch, "device": device}
     for name, folder, kwargs in (
-        ("one_step", export, {"num_inference_steps": 1, "guidance_scale": 0.0, "timesteps": [timestep]}),
+        ("one_step", export, {"num_inference_steps": len(ts), "guidance_scale": 0.0, "timesteps": ts}),
         ("base", base, {"num_inference_steps": steps, "guidance_scale": GUIDANCE[family]}),
     ):
         pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)

@@ -129,23 +129,33 @@ def test_teacher_from_a_snapshot_then_a_short_demo_export_and_sampling_without_d
     assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
     assert main(["sample", str(out / "disback" / "generator.safetensors"), "--n", "6", "--out",
                  str(tmp_path / "s.npy")]) == 0  # fmt: skip
-    # in a fresh process where disback cannot be imported: the folder's own code and weights
+    # a 2-step generator from the same teacher: config.json holds its levels, generate.py rolls them out
+    assert main(["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--preset", "digits", *SHORT,
+                 "--set", "distill.sigma_g=[2.5, 0.6]", "--out", str(tmp_path / "two")]) == 0  # fmt: skip
+    assert main(["export", str(tmp_path / "two"), "--out", str(tmp_path / "export-two")]) == 0
+    assert json.loads((tmp_path / "export-two" / "config.json").read_text())["sigma_g"] == [2.5, 0.6]
+    assert main(["sample", str(tmp_path / "two" / "generator.safetensors"), "--n", "6", "--out",
+                 str(tmp_path / "s2.npy")]) == 0  # fmt: skip
+    # in a fresh process where disback cannot be imported: the folders' own code and weights
     code = (
         "import sys; sys.modules['disback'] = None; sys.path.insert(0, sys.argv[1])\n"
         "import numpy as np, torch\nfrom generate import load, generate\n"
-        "net, config = load(sys.argv[1]); images = generate(net, config, 6, seed=0)\n"
-        "np.save(sys.argv[2], images)\n"
+        "for folder, file in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    net, config = load(folder); np.save(file, generate(net, config, 6, seed=0, batch=4))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "export"), str(tmp_path / "g.npy")],
-                          capture_output=True, text=True)  # fmt: skip
+    folders = [tmp_path / "export", tmp_path / "g.npy", tmp_path / "export-two", tmp_path / "g2.npy"]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, folders)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    images = np.load(tmp_path / "g.npy")
-    assert images.shape == (6, 3, 16, 16) and images.dtype == np.uint8
-    generator, meta = load_model(out / "disback" / "generator.safetensors")
-    z = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = ((generator(z).clamp(-1, 1) + 1) * 127.5).round()
-    assert (ours.numpy() - images).__abs__().max() <= 1  # the same images, up to rounding at .5
+    for run, name in ((out / "disback", ""), (tmp_path / "two", "2")):
+        images = np.load(tmp_path / f"g{name}.npy")
+        assert images.shape == (6, 3, 16, 16) and images.dtype == np.uint8
+        generator, meta = load_model(run / "generator.safetensors")
+        # generate.py's draws: torch.randn(n, steps, *shape), image i's start and then its fresh noise of each step
+        noise = torch.randn(6, generator.steps, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = ((generator(noise[:, 0], None, noise[:, 1:]).clamp(-1, 1) + 1) * 127.5).round()
+        assert (ours.numpy() - images).__abs__().max() <= 1  # the same images, up to rounding at .5
+        assert np.abs(np.load(tmp_path / f"s{name}.npy") * 255 - images).max() <= 1  # as `disback sample --seed 0`
     state = torch.load(tmp_path / "export" / "pytorch_model.bin", weights_only=True)
     assert list(state) == list(net.state_dict())  # EDM's key names, for EDM's own EDMPrecond
 

@@ -303,6 +303,136 @@ def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classe
     assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 2
 
 
+def test_a_k_step_vp_generator_exports_its_rollout_and_a_one_step_one_its_old_config(tmp_path):
+    """A diffusers teacher (v-prediction) as a 2-step generator: the pipeline holds each level's UNet timestep and
+    re-noises between the steps as the generator does; a one-level generator keeps the numbers of one-step exports."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from disback.diffusion.generator import with_steps
+    from disback.jobs.export import export
+    from disback.jobs.pipeline_onestep import OneStepPipeline
+    from disback.storage.kinds import import_pretrained
+    from disback.storage.models import generator_from_teacher, load_model, save_model
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    unet.save_pretrained(tmp_path / "ddpm" / "unet")
+    DDPMScheduler(num_train_timesteps=200, prediction_type="v_prediction").save_pretrained(
+        tmp_path / "ddpm" / "scheduler"
+    )
+    teacher, meta = import_pretrained(str(tmp_path / "ddpm"))
+    for levels in ([2.5, 0.6], [1.5]):
+        name = f"g{len(levels)}"
+        generator = generator_from_teacher(teacher, meta, levels)
+        save_model(generator, tmp_path / f"{name}.safetensors", meta.as_generator(generator.sigma_g))
+        export(tmp_path / f"{name}.safetensors", tmp_path / name)
+    config = json.loads((tmp_path / "g2" / "model_index.json").read_text())
+    sigmas = torch.tensor([2.5, 0.6])
+    assert config["sigma_g"] == [2.5, 0.6] and config["timestep"] == teacher.sigma_to_t(sigmas).tolist()
+    one = json.loads((tmp_path / "g1" / "model_index.json").read_text())
+    assert one["sigma_g"] == 1.5 and isinstance(one["timestep"], float)  # numbers, as before k steps
+    generator, _ = load_model(tmp_path / "g2.safetensors")
+    pipe = OneStepPipeline.from_pretrained(tmp_path / "g2")
+    noise = torch.randn(3, 2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = (with_steps(generator)(noise) / 2 + 0.5).clamp(0, 1)
+    for got in (
+        pipe(batch_size=3, noise=noise, output_type="pt").images,  # all the noise given
+        pipe(batch_size=3, generator=torch.Generator().manual_seed(1), output_type="pt").images,  # drawn alike
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(pipe(batch_size=3, noise=noise[:, 0], output_type="pt").images, want, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def two_step_digits(tmp_path_factory):
+    """A class-conditional 2-step digits generator: a short teacher, then a short distillation from it."""
+    root = tmp_path_factory.mktemp("two-step")
+    args = [*IMAGE_ARGS, "--set", "network.num_classes=10"]
+    assert main(["teacher", *args, "--out", str(root / "teacher")]) == 0
+    assert main(["distill", *args, "--set", "distill.sigma_g=[2.5, 0.6]", "--teacher", str(root / "teacher"),
+                 "--out", str(root / "run")]) == 0  # fmt: skip
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_a_two_step_digits_run_exported_samples_in_plain_diffusers_as_disback_does(two_step_digits, tmp_path, capsys):
+    from disback.storage.models import load_model
+
+    assert main(["export", str(two_step_digits), "--out", str(tmp_path / "pipe")]) == 0
+    config = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert config["sigma_g"] == [2.5, 0.6] and len(config["timestep"]) == 2
+    # The pipeline's draws from its generator=: torch.randn(N, steps, C, H, W), sample i's start, then its fresh
+    # noise; given the starting noise alone, it draws the fresh noise, N x (steps - 1) x C x H x W.
+    labels = [3, 1, 4, 1]
+    draws = torch.Generator().manual_seed(7)
+    every = torch.randn(4, 2, 1, 8, 8, generator=draws)
+    z, after = every[:, 0], torch.randn(4, 1, 1, 8, 8, generator=draws)
+    generator, _ = load_model(two_step_digits / "generator.safetensors")
+    with torch.no_grad():
+        expected = [
+            (generator(noise[:, 0], torch.tensor(labels), noise[:, 1:]) / 2 + 0.5).clamp(0, 1).numpy()
+            for noise in (every, torch.cat([z[:, None], after], dim=1))
+        ]
+    np.save(tmp_path / "z.npy", z.numpy())
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, "
+        f"custom_pipeline={str(tmp_path / 'pipe')!r}, trust_remote_code=True)\n"
+        "draws = torch.Generator().manual_seed(7)\n"
+        f"a = pipe(batch_size=4, generator=draws, output_type='pt', class_labels={labels}).images\n"
+        f"z = torch.from_numpy(np.load({str(tmp_path / 'z.npy')!r}))\n"
+        f"b = pipe(batch_size=4, noise=z, generator=draws, output_type='pt', class_labels={labels}).images\n"
+        f"np.save({str(tmp_path / 'images.npy')!r}, torch.stack([a, b]).numpy())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = np.load(tmp_path / "images.npy")
+    np.testing.assert_allclose(images[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(images[1], expected[1], atol=1e-5)
+    assert np.abs(images[0] - images[1]).max() > 1e-3  # the second call's noise: the generator's next draws
+
+
+@pytest.mark.slow
+def test_eval_of_a_two_step_digits_run_is_fixed_by_its_seed_and_its_export_measures_the_same(
+    two_step_digits, tmp_path, capsys
+):
+    from test_eval import scripted
+
+    def value(target, *extra):
+        out = tmp_path / f"e{len(list(tmp_path.glob('e*.json')))}.json"
+        assert main(["eval", str(target), "--n", "40", "--quiet", *extra, "--out", str(out)]) == 0
+        return json.loads(out.read_text())["value"]
+
+    first = value(two_step_digits)
+    assert np.isfinite(first) and value(two_step_digits, "--batch", "7") == pytest.approx(first, rel=1e-6)
+    assert value(two_step_digits, "--seed", "1") != pytest.approx(first, rel=1e-6)
+    # the exported pipeline draws sample i's noise of both steps as the generator file does
+    ref = tmp_path / "refs"
+    ref.mkdir()
+    for i, image in enumerate((np.random.default_rng(2).random((40, 8, 8)) * 255).astype(np.uint8)):
+        Image.fromarray(image).save(ref / f"{i}.png")
+    assert main(["export", str(two_step_digits), "--out", str(tmp_path / "pipe")]) == 0
+    common = ["--features", f"inception={scripted(tmp_path)}", "--ref", str(ref)]
+    assert value(tmp_path / "pipe", *common, "--batch", "4") == pytest.approx(value(two_step_digits, *common), rel=1e-4)
+
+
 @pytest.mark.slow
 def test_demo_on_a_folder_of_images_it_has_never_seen(tmp_path, capsys):
     """Unlabelled RGB images of another size: resized to the preset, measured with a rotation-trained classifier."""

@@ -317,7 +317,7 @@ def run(argv: list[str] | None = None) -> int:
         final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
         say(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
     elif args.command == "text":
-        from disback.text import run_text, sample_command
+        from disback.text import run_text, sample_command, steps_name
 
         cfg = _config(args)
         settled(cfg)
@@ -333,7 +333,8 @@ def run(argv: list[str] | None = None) -> int:
             generator=args.generator,
             fake=args.fake,
         )
-        say(f"one-step pipeline: {out}\n  " + sample_command(out, cfg.text.timestep).replace("; ", "\n  "))
+        name = steps_name(cfg.text.timestep)
+        say(f"{name} pipeline: {out}\n  " + sample_command(out, cfg.text.timestep).replace("; ", "\n  "))
     elif args.command == "sample":
         from disback.jobs.sample import sample_to_file
 

@@ -1,4 +1,4 @@
-"""Sample a one-step generator exported by disback from an EDM / EDM2 teacher.
+"""Sample a one-step (or k-step) generator exported by disback from an EDM / EDM2 teacher.
 
 This file is self-contained (torch, numpy, safetensors; Pillow to write PNGs): `disback export` copies it into the
 exported folder as generate.py, beside the network code (``edm_networks/``), so the folder samples without disback:
@@ -13,8 +13,13 @@ or from Python:
     images = generate(net, config, n=16, seed=0)           # uint8 N x C x H x W
 
 The generator is x0 = D(sigma_g z; sigma_g, class) with D the network under its preconditioner (EDM's convention:
-images in [-1, 1]). ``model.safetensors`` and ``pytorch_model.bin`` hold its weights under EDM's own key names, so
-tools of the EDM ecosystem load them into their own networks (``EDMPrecond(**config["kwargs"])``).
+images in [-1, 1]). A k-step generator (DMD2's few-step students; ``sigma_g`` a descending list in config.json)
+denoises, re-noises with fresh unit noise at the next level, and so on; its sample is the last step's estimate:
+
+    x = sigma_0 z;  x0_j = D(x; sigma_j, class);  x = x0_j + sigma_{j+1} n_j
+
+``model.safetensors`` and ``pytorch_model.bin`` hold its weights under EDM's own key names, so tools of the EDM
+ecosystem load them into their own networks (``EDMPrecond(**config["kwargs"])``).
 """
 
 from __future__ import annotations
@@ -49,20 +54,40 @@ def generate(
     net: torch.nn.Module, config: dict, n: int, seed: int = 0, labels: torch.Tensor | None = None, batch: int = 256
 ) -> np.ndarray:
     """``n`` images as uint8 N x C x H x W, from noise seeded with ``seed``; class-conditional generators draw the
-    classes in turn (0, 1, ..., K-1, 0, ...) unless ``labels`` (class indices) are given."""
+    classes in turn (0, 1, ..., K-1, 0, ...) unless ``labels`` (class indices) are given.
+
+    The noise is drawn at once as ``torch.randn(n, steps, *shape)`` from a generator seeded with ``seed``: image i's
+    starting noise z, then its fresh noise n_1, n_2, ... of each later step (for one step, ``torch.randn(n, *shape)``
+    gives the same numbers, as before k steps). They are the draws of ``disback sample --seed`` on the generator file,
+    so that both give the same images."""
     device = next(net.parameters()).device
-    z = torch.randn(n, *config["shape"], generator=torch.Generator().manual_seed(seed))
+    sigmas = noise_levels(config)
+    noise = torch.randn(n, len(sigmas), *config["shape"], generator=torch.Generator().manual_seed(seed))
     classes = config["num_classes"]
     if classes and labels is None:
         labels = torch.arange(n) % classes
     out = []
     for i in range(0, n, batch):
-        zz = z[i : i + batch].to(device)
         y = None if not classes else torch.nn.functional.one_hot(labels[i : i + batch], classes).float().to(device)
-        sigma = torch.full((len(zz),), float(config["sigma_g"]), device=device)
-        x = net(zz * config["sigma_g"], sigma, y)
+        x = rollout(net, noise[i : i + batch].to(device), sigmas, y)
         out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(out).numpy()
+
+
+def noise_levels(config: dict) -> list[float]:
+    """The generator's noise levels: config.json's ``sigma_g`` is one number (one step) or a descending list."""
+    sigma_g = config["sigma_g"]
+    return [float(s) for s in sigma_g] if isinstance(sigma_g, list) else [float(sigma_g)]
+
+
+def rollout(net: torch.nn.Module, noise: torch.Tensor, sigmas: list[float], y: torch.Tensor | None) -> torch.Tensor:
+    """The last step's estimate from ``noise`` (N x steps x C x H x W: the start, then each step's fresh noise)."""
+    x = noise[:, 0] * sigmas[0]
+    for j, sigma in enumerate(sigmas):
+        x0 = net(x, torch.full((len(x),), sigma, device=x.device), y)
+        if j + 1 < len(sigmas):  # no noise after the last step: its estimate is the sample
+            x = x0 + sigmas[j + 1] * noise[:, j + 1]
+    return x0
 
 
 def save(images: np.ndarray, out: Path) -> None:
@@ -86,7 +111,7 @@ def save(images: np.ndarray, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="sample the exported one-step generator")
+    parser = argparse.ArgumentParser(description="sample the exported generator")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256)

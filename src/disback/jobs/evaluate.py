@@ -25,6 +25,7 @@ from disback.config import Config, build_config, from_dict
 from disback.config.checks import validate
 from disback.data import load_data, to_units
 from disback.data.images import read_image_source
+from disback.diffusion.generator import with_steps
 from disback.engine.progress import progress
 from disback.errors import DisbackError
 from disback.jobs.export import find_generator
@@ -144,12 +145,13 @@ def _generator(target: Path, seed: int) -> Target:
         )
     model, meta = load_model(file)
     model.eval()
+    steps = getattr(model, "steps", 1)  # a k-step generator's noise is every step's, fixed like the start's
 
     @torch.no_grad()
     def draw(first: int, count: int) -> torch.Tensor:
-        z = _noise(first, count, meta.shape, seed)
+        noise = _noise(first, count, (steps, *meta.shape), seed)
         labels = torch.arange(first, first + count) % meta.num_classes if meta.num_classes else None
-        return torch.from_numpy(to_units(model(z, labels), meta.normaliser, images=meta.is_images))
+        return torch.from_numpy(to_units(with_steps(model)(noise, labels), meta.normaliser, images=meta.is_images))
 
     kind = "images" if meta.is_images else "points"
     return Target(kind, draw, tuple(meta.shape), _run_config(file, meta))
@@ -167,7 +169,7 @@ def _pipeline(folder: Path, seed: int, prompts: Path | None) -> Target:
 
         def draw(first: int, count: int) -> torch.Tensor:
             labels = torch.arange(first, first + count) % classes if classes else None  # balanced over all classes
-            noise = _noise(first, count, shape, seed)
+            noise = _noise(first, count, (pipe.steps, *shape), seed)  # every step's: the generator file's draws
             return pipe(batch_size=count, noise=noise, class_labels=labels, output_type="pt").images
 
         return Target("images", draw, tuple(shape))
@@ -183,6 +185,7 @@ def _pipeline(folder: Path, seed: int, prompts: Path | None) -> Target:
     timestep = (
         json.loads((folder / "disback.json").read_text())["timestep"] if (folder / "disback.json").is_file() else 399
     )
+    timesteps = list(timestep) if isinstance(timestep, list) else [timestep]  # a k-step generator's list
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def prompts_of(first: int, count: int) -> list[str]:
@@ -191,9 +194,9 @@ def _pipeline(folder: Path, seed: int, prompts: Path | None) -> Target:
     def draw_text(first: int, count: int) -> torch.Tensor:
         return pipe(
             prompt=prompts_of(first, count),
-            num_inference_steps=1,
+            num_inference_steps=len(timesteps),
             guidance_scale=0,
-            timesteps=[timestep],
+            timesteps=timesteps,
             generator=[_sample_generator(seed, i) for i in range(first, first + count)],  # whatever the batch size
             output_type="pt",
         ).images

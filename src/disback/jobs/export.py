@@ -1,4 +1,4 @@
-"""`disback export`: a trained one-step image generator as a diffusers pipeline folder."""
+"""`disback export`: a trained one-step (or k-step) image generator as a diffusers pipeline folder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from disback.diffusion.denoisers import EDMDenoiser, VPDenoiser
+from disback.diffusion.generator import levels
 from disback.errors import DisbackError
 from disback.storage.files import write_folder
 from disback.storage.kinds import kind_of
@@ -27,7 +28,6 @@ def find_generator(run: Path) -> Path:
 
 
 def build_pipeline(generator_file: Path):
-    from disback.diffusion.networks.unet import NOISE_SCALE
     from disback.jobs.pipeline_onestep import OneStepPipeline
 
     model, meta = load_model(generator_file)
@@ -37,25 +37,37 @@ def build_pipeline(generator_file: Path):
         raise DisbackError(
             f"{generator_file} does not map images to [-1, 1]; it cannot be exported as a diffusers pipeline"
         )
-    denoiser, sigma_g = model.denoiser, model.sigma_g
+    denoiser, sigmas = model.denoiser, levels(model.sigma_g)
     if isinstance(denoiser, EDMDenoiser):
         return OneStepPipeline(
             unet=denoiser.backbone.unet,
             preconditioning="edm",
-            sigma_g=sigma_g,
+            sigma_g=per_step(sigmas),
             sigma_data=denoiser.sigma_data,
-            timestep=math.log(sigma_g) / 4 * NOISE_SCALE,
+            timestep=per_step([edm_timestep(s) for s in sigmas]),
         )
     if isinstance(denoiser, VPDenoiser):
-        t = float(denoiser.sigma_to_t(torch.tensor([sigma_g]))[0])
         return OneStepPipeline(
             unet=denoiser.unet,
             preconditioning="vp",
-            sigma_g=sigma_g,
-            timestep=t,
+            sigma_g=per_step(sigmas),
+            timestep=per_step([float(denoiser.sigma_to_t(torch.tensor([s]))[0]) for s in sigmas]),
             prediction_type=denoiser.prediction_type,
         )
     raise DisbackError(f"{generator_file}: cannot export a {type(denoiser).__name__}")
+
+
+def edm_timestep(sigma: float) -> float:
+    """The UNet's time input at ``sigma`` under EDM preconditioning (c_noise, scaled as our UNet backbone does)."""
+    from disback.diffusion.networks.unet import NOISE_SCALE
+
+    return math.log(sigma) / 4 * NOISE_SCALE
+
+
+def per_step(values: list[float]) -> float | list[float]:
+    """A setting of each step: a number for a one-step generator, so that its config stays what one-step exports
+    have always written (and older pipeline.py files read); a list for a k-step one."""
+    return values[0] if len(values) == 1 else values
 
 
 def export(run: Path, out: Path) -> Path:
@@ -67,9 +79,7 @@ def export(run: Path, out: Path) -> Path:
     generator_file = find_generator(Path(run))
     meta = read_meta(generator_file)
     if meta.role != "generator":
-        raise DisbackError(
-            f"{generator_file} is a {meta.role}, not a one-step generator; export a generator.safetensors"
-        )
+        raise DisbackError(f"{generator_file} is a {meta.role}, not a generator; export a generator.safetensors")
     own = kind_of(meta, generator_file).export
     if own is not None:
         return own(generator_file, out)

@@ -1,6 +1,7 @@
 """`disback export` for a generator of an EDM / EDM2 teacher: a folder that samples without disback installed.
 
-config.json           the preconditioner's class and constructor arguments, sigma_g, shape, classes
+config.json           the preconditioner's class and constructor arguments, sigma_g (a number, or a k-step generator's
+                      descending list of levels), shape, classes
 model.safetensors     the generator's weights under EDM's own key names (``model.*``; EDM2: ``unet.*``)
 pytorch_model.bin     the same state dict as torch.save writes it (DMD2 publishes its ImageNet generator so)
 edm_networks/         disback's own implementation of the networks and preconditioners (torch only)
@@ -37,7 +38,7 @@ def export_edm(generator_file: Path, out: Path) -> Path:
         "precond": meta.spec["precond"],
         "kwargs": {**meta.spec["kwargs"], "use_fp16": False},  # as it was trained (bf16 or fp32 autocast)
         "family": meta.spec["family"],
-        "sigma_g": meta.sigma_g,
+        "sigma_g": meta.sigma_g,  # one level, or the list a k-step generator's rollout runs through
         "shape": list(meta.shape),
         "num_classes": meta.num_classes,
         "source": meta.source,

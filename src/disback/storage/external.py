@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from disback.diffusion.generator import levels
 from disback.errors import DisbackError
 from disback.storage.files import sha256_file
 from disback.storage.meta import ModelMeta, read_meta
@@ -293,8 +294,8 @@ def _check_pipeline(folder: Path, role: str, sigma_g: float) -> None:
     if role != "generator" or not index.is_file():
         return
     config: dict[str, Any] = json.loads(index.read_text())
-    if "sigma_g" in config and float(config["sigma_g"]) != float(sigma_g):
+    if "sigma_g" in config and levels(config["sigma_g"]) != levels(sigma_g):
         raise DisbackError(
-            f"{folder} is a one-step pipeline at sigma_g {config['sigma_g']}, and this run's distill.sigma_g "
+            f"{folder} is a generator pipeline at sigma_g {config['sigma_g']}, and this run's distill.sigma_g "
             f"is {sigma_g}; set --set distill.sigma_g={config['sigma_g']}"
         )
