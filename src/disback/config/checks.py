@@ -10,6 +10,7 @@ import importlib.util
 from disback.config.choices import (
     METHODS,
     NETWORKS,
+    NOISE_LEVELS,
     ON_NONFINITE,
     PRECISIONS,
     SCHEDULES,
@@ -39,6 +40,7 @@ _CHOICES = {
     "distill.schedule": SCHEDULES,
     "distill.method": METHODS,
     "distill.step_input": STEP_INPUTS,
+    "distill.noise": NOISE_LEVELS,
     "run.on_nonfinite": ON_NONFINITE,
     "run.precision": PRECISIONS,
     "run.log_with": TRACKERS,
@@ -66,6 +68,9 @@ def validate(cfg: Config) -> Config:
             f"'run.checkpoint_every' must be 0 (no checkpoints) or positive, got {cfg.run.checkpoint_every}; "
             "e.g. --set run.checkpoint_every=500"
         )
+    for key in ("resolution", "max_sequence_length", "shift"):
+        if getattr(cfg.text, key) < 0:
+            raise DisbackError(f"'text.{key}' must be 0 (the teacher's own) or positive, got {getattr(cfg.text, key)}")
     _tracker(cfg)
     _steps(cfg)
     _teacher_and_stage1(cfg)

@@ -73,6 +73,11 @@ STEP_INPUTS: dict[str, str] = {
     "data": "FastGen's: the trained step's input is real data noised to its level (needs the data)",
 }
 
+NOISE_LEVELS: dict[str, str] = {
+    "karras": "uniform in the Karras schedule's parameter between distill.sigma_min and sigma_max (DMD2's EDM trainer)",
+    "lognormal": "ln(sigma) ~ N(edm.p_mean, edm.p_std^2) clipped to that range: a flow teacher's (shifted) logit-normal t",
+}
+
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # any one of them will do
 TRACKERS: dict[str, str] = {
     "": "no tracker (metrics.jsonl only)",

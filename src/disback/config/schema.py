@@ -82,8 +82,11 @@ class DistillConfig:
     sigma_g: float | list[float]  # the generator's noise level: one denoiser call at it; a descending list, e.g.
     #                               [80, 2.5, 0.6], makes a k-step generator (DMD2's backward simulation trains it)
     switch_every: int  # M: generator steps between target switches ("fixed" schedule)
-    sigma_min: float  # noise levels of the generator loss, spread on the Karras schedule
+    sigma_min: float  # noise levels of the generator loss, inside [sigma_min, sigma_max] ...
     sigma_max: float
+    noise: str = "karras"  # ... spread on the Karras schedule ("karras", DMD2's EDM trainer), or "lognormal":
+    #                        ln(sigma) ~ N(edm.p_mean, edm.p_std^2) clipped to the range (a flow teacher's
+    #                        logit-normal t, sigma = t / (1 - t), shifted as the teacher samples)
     method: str = "dmd"  # the generator loss: a key of choices.METHODS
     sid_alpha: float = 1.2  # sid: the alpha of SiD's loss (1.2 in the SiD paper)
     gan_weight: float = 0.003  # dmd2: weight of the GAN term in the generator's loss (DMD2's ImageNet value)
@@ -140,7 +143,12 @@ class TextConfig:
 
     guidance: float = 8.0  # classifier-free guidance scale of the target score (the original's 8), not the fake's
     timestep: int | list[int] = 399  # the generator is the UNet at this timestep on pure noise, as LCMScheduler samples
-    #                                  in one step; a descending list, e.g. [999, 749, 499, 249], makes it k steps
+    #                                  in one step; a descending list, e.g. [999, 749, 499, 249], makes it k steps.
+    #                                  Flow teachers (SD3, FLUX.1): flow time t = timestep / 1000, 1000 = pure noise
+    resolution: int = 0  # flow teachers: image side in pixels (0: the pipeline's default, 1024 for SD3.5 and FLUX.1)
+    max_sequence_length: int = 0  # flow teachers: T5 tokens per prompt (0: the family's, SD3 256, FLUX.1 512/256)
+    shift: float = 0.0  # flow teachers: time shift s of the losses' noise levels, ln(sigma) ~ N(edm.p_mean + ln s,
+    #                     edm.p_std^2); 0: the teacher scheduler's own (static shift, or exp(mu) at the resolution)
 
 
 @dataclass

@@ -178,11 +178,14 @@ class Distillation:
         return net(z[:, 0], labels, z[:, 1:], step=self.step), labels
 
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 + sigma n with sigma spread over the generator loss's Karras range."""
-        n = self.cfg.batch  # x0 is this process's share of a batch of n
-        sigma, noise = shares(
-            karras_sigma(n, self.cfg.sigma_min, self.cfg.sigma_max, self.edm.rho, device=x0.device), x0
-        )
+        """x0 + sigma n with sigma drawn in the generator loss's range (distill.noise)."""
+        n, c = self.cfg.batch, self.cfg  # x0 is this process's share of a batch of n
+        if c.noise == "lognormal":
+            drawn = lognormal_sigma(n, self.edm.p_mean, self.edm.p_std, device=x0.device)
+            drawn = drawn.clamp(c.sigma_min, c.sigma_max)
+        else:
+            drawn = karras_sigma(n, c.sigma_min, c.sigma_max, self.edm.rho, device=x0.device)
+        sigma, noise = shares(drawn, x0)
         return x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * noise, sigma
 
     def logits(self, x0: torch.Tensor, labels: torch.Tensor | None, trained: bool) -> torch.Tensor:
