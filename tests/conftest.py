@@ -88,3 +88,16 @@ def tiny_teacher(tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("teacher")
     data = load_data(cfg.data, cfg.seed)
     return stages.train_teacher(cfg, data, out, show_progress=False), cfg
+
+
+def in_fresh_process(code: str, *args, timeout: int = 300) -> str:
+    """``python -c code args...`` in a new process (plain diffusers, no state of this one); its stdout, once it has
+    exited cleanly (else the assertion shows its stderr)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

@@ -242,3 +242,50 @@ def test_an_edm_teacher_shards_by_block_and_two_processes_match_one(tmp_path):
         files = sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*.safetensors") if "checkpoints" not in p.parts)
         assert len(files) >= 7
         same_weights(outs[1], outs[2], files, (sharding,))  # measured: 5e-14 at most
+
+
+@pytest.mark.slow
+def test_a_flux_transformer_shards_by_block_and_two_processes_match_one(tmp_path):
+    """`disback text` on a tiny FLUX.1-dev pipeline under run.fsdp (one unit per transformer block) in 2 processes
+    against one unsharded process, in float64: every weight file to 1e-9 (measured: 1.3e-15)."""
+    from flow_pipelines import build_flux
+
+    pipeline = build_flux(tmp_path, dev=True)
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\ngreen stripes\n")
+    common = ["text", "--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), *SHORT_TEXT, *FP64]
+    outs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"flux-{processes}"
+        launch = [*TORCHRUN, free_port()] if processes == 2 else [sys.executable]
+        args = ["-m", "disback", *common, "--out", str(out)] + (["--set", "run.fsdp=true"] if processes == 2 else [])
+        done = subprocess.run([*launch, *args], env=env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, failure(done.stderr)
+        outs[processes] = out
+    files = sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*.safetensors") if "checkpoints" not in p.parts)
+    assert Path("disback/generator.safetensors") in files and Path("path/node-002.safetensors") in files
+    trained = [f for f in files if f.parts[0] in ("path", "disback")]  # the imported teacher is the same file
+    same_weights(outs[1], outs[2], trained, ("flux-fsdp",))
+
+
+SHORT_TEXT = [
+    arg
+    for value in (
+        "degrade.steps=4",
+        "degrade.nodes=2",
+        "degrade.batch=4",
+        "degrade.spacing=steps",
+        "degrade.plateau=0",
+        "distill.steps=4",
+        "distill.batch=4",
+        "distill.fake_updates=1",
+        "distill.schedule=fixed",
+        "distill.switch_every=2",
+        "eval.every=2",
+        "data.n_eval=10",
+        "run.gradient_checkpointing=false",
+        "network.lora_rank=0",
+        "network.generator_lora_rank=0",
+        "text.resolution=16",
+    )
+    for arg in ("--set", value)
+] + ["--quiet"]

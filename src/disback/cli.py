@@ -7,6 +7,7 @@ the "disback" logger to stderr, as `warning: ...`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -113,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "text",
-        help="text-to-image: distill a Stable Diffusion 1.5 / SDXL pipeline's UNet on a prompts file, "
-        "both stages, and export a one-step diffusers pipeline",
+        help="text-to-image: distill a Stable Diffusion 1.5 / SDXL / SD3 / FLUX.1 pipeline's network on a prompts "
+        "file, both stages, and export a one-step diffusers pipeline",
     )
     _common(p)
-    p.set_defaults(preset="sd")
-    p.add_argument("--pretrained", required=True, help="a Stable Diffusion (or SDXL) pipeline folder or hub id")
+    p.set_defaults(preset="")  # the family's: sd, sd3, flux-dev or flux-schnell
+    p.add_argument(
+        "--pretrained",
+        required=True,
+        help="a Stable Diffusion 1.5, SDXL, SD3 / SD3.5 or FLUX.1 pipeline folder or hub id",
+    )
     p.add_argument(
         "--prompts", required=True, help='a .txt file with one prompt per line, or .jsonl with a "prompt" field'
     )
@@ -317,8 +322,9 @@ def run(argv: list[str] | None = None) -> int:
         final = "  ".join(f"{k} {v:.4g}" for k, v in result["records"][-1].items() if k in ("swd", "mmd", "fid"))
         say(f"generator: {Path(args.out) / 'generator.safetensors'}  final {final}")
     elif args.command == "text":
-        from disback.text import run_text, sample_command, steps_name
+        from disback.text import family_of, run_text, sample_command, steps_name
 
+        args.preset = args.preset or family_of(args.pretrained).preset  # an unknown family fails here
         cfg = _config(args)
         settled(cfg)
         out = run_text(
@@ -333,8 +339,8 @@ def run(argv: list[str] | None = None) -> int:
             generator=args.generator,
             fake=args.fake,
         )
-        name = steps_name(cfg.text.timestep)
-        say(f"{name} pipeline: {out}\n  " + sample_command(out, cfg.text.timestep).replace("; ", "\n  "))
+        call = json.loads((out / "disback.json").read_text())["call"]
+        say(f"{steps_name(cfg.text.timestep)} pipeline: {out}\n  " + sample_command(out, call).replace("; ", "\n  "))
     elif args.command == "sample":
         from disback.jobs.sample import sample_to_file
 

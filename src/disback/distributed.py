@@ -106,12 +106,21 @@ def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- run.fsdp: the trained networks sharded
 
-# diffusers' UNet blocks and EDM's / EDM2's (disback.diffusion.networks): each one a unit of its own
-BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock", "UNetBlock", "Block")
+# diffusers' UNet blocks, SD3's and FLUX.1's transformer blocks, and EDM's / EDM2's (disback.diffusion.networks):
+# each one a unit of its own
+BLOCKS = (
+    "ResnetBlock2D",
+    "BasicTransformerBlock",
+    "JointTransformerBlock",
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
+    "UNetBlock",
+    "Block",
+)
 
 
 def shard(module: nn.Module) -> nn.Module:
-    """Shard ``module``'s parameters across the processes with FSDP2 (``fully_shard``), in place: every UNet block is a
+    """Shard ``module``'s parameters across the processes with FSDP2 (``fully_shard``), in place: every UNet or transformer block is a
     unit of its own, then the rest, so that a forward pass gathers one block's parameters at a time. Each process
     keeps 1/N of the parameters, their gradients (averaged across processes, as DDP does) and their Adam states.
     Parameter names, and so state_dict keys and files, are unchanged."""

@@ -182,11 +182,13 @@ def _pipeline(folder: Path, seed: int, prompts: Path | None) -> Target:
 
     texts = _read_prompts(prompts)
     pipe = DiffusionPipeline.from_pretrained(folder)
-    timestep = (
-        json.loads((folder / "disback.json").read_text())["timestep"] if (folder / "disback.json").is_file() else 399
-    )
-    timesteps = list(timestep) if isinstance(timestep, list) else [timestep]  # a k-step generator's list
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    record = json.loads((folder / "disback.json").read_text()) if (folder / "disback.json").is_file() else {}
+    call = record.get("call")  # how the export samples its generator (a disback export records it)
+    if call is None:  # a UNet pipeline exported before the call was recorded, or none of disback's: LCM's
+        timestep = record.get("timestep", 399)
+        timesteps = list(timestep) if isinstance(timestep, list) else [timestep]  # a k-step generator's list
+        call = {"num_inference_steps": len(timesteps), "guidance_scale": 0, "timesteps": timesteps}
+    size = call.get("height") or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def prompts_of(first: int, count: int) -> list[str]:
         return [texts[i % len(texts)] for i in range(first, first + count)]
@@ -194,9 +196,7 @@ def _pipeline(folder: Path, seed: int, prompts: Path | None) -> Target:
     def draw_text(first: int, count: int) -> torch.Tensor:
         return pipe(
             prompt=prompts_of(first, count),
-            num_inference_steps=len(timesteps),
-            guidance_scale=0,
-            timesteps=timesteps,
+            **call,
             generator=[_sample_generator(seed, i) for i in range(first, first + count)],  # whatever the batch size
             output_type="pt",
         ).images

@@ -15,11 +15,15 @@ def bottleneck(denoiser: nn.Module) -> tuple[nn.Module, bool]:
     """The module that carries the backbone's deepest features, and whether they are its input (rather than its
     output): a diffusers UNet's mid-block output; in EDM's and EDM2's UNets the decoder's second block at the lowest
     resolution ("in1", after "in0": their middle, where DMD2 takes its bottleneck); the input of an MLP's output
-    layer (its last hidden state)."""
+    layer (its last hidden state); in a diffusion transformer (SD3, FLUX.1) the middle block of its
+    ``transformer_blocks``."""
     modules = dict(denoiser.named_modules())
     for name, module in modules.items():
         if name.endswith("mid_block") or (name.split(".")[-1].endswith("_in1") and ".dec." in f".{name}"):
             return module, False
+    for name, module in modules.items():
+        if name.split(".")[-1] == "transformer_blocks" and isinstance(module, nn.ModuleList) and len(module):
+            return module[len(module) // 2], False
     for name, module in modules.items():
         if name.endswith("backbone.out") and isinstance(
             getattr(module, "base_layer", module), nn.Linear
@@ -29,7 +33,8 @@ def bottleneck(denoiser: nn.Module) -> tuple[nn.Module, bool]:
 
 
 class FeatureTap:
-    """Keeps the features last seen by a module (a forward hook; a pre-hook when they are its input)."""
+    """Keeps the features last seen by a module (a forward hook; a pre-hook when they are its input). A transformer
+    block's output (text and image tokens, a tuple) gives its image tokens, averaged over the tokens."""
 
     def __init__(self, module: nn.Module, inputs: bool = False):
         self.features: torch.Tensor | None = None
@@ -38,8 +43,10 @@ class FeatureTap:
         else:
             module.register_forward_hook(lambda mod, args, output: self._keep(output))
 
-    def _keep(self, features: torch.Tensor) -> None:
-        self.features = features
+    def _keep(self, features: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        if isinstance(features, tuple):  # diffusers' joint blocks return (text tokens, image tokens)
+            features = features[-1]
+        self.features = features.mean(dim=1) if features.ndim == 3 else features
 
     def take(self) -> torch.Tensor:
         features, self.features = self.features, None

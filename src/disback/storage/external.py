@@ -2,12 +2,12 @@
 (``--fake``), in the formats the field publishes, converted once into a disback model file.
 
 Accepted sources: a disback model file (generator.safetensors, fake.safetensors), a run or demo folder holding one, a
-diffusers pipeline folder (its ``unet/``), a diffusers UNet folder (config.json and its weights), a state dict as
-``.safetensors`` or ``.bin`` (the format DMD2 and the original DisBack release publish; for an EDM teacher, with EDM's
-key names, as DMD2's ImageNet generator), read with ``torch.load(weights_only=True)``, or an EDM / EDM2 network
-snapshot ``.pkl`` (SiD publishes its generators so), read by disback.storage.snapshot; never a full unpickle. The
-network is built on the teacher's architecture, keys and shapes must match exactly, and half-precision weights are
-upcast. Every check runs before anything is written.
+diffusers pipeline folder (its ``unet/`` or ``transformer/``), a diffusers UNet or transformer folder (config.json and
+its weights), a state dict as ``.safetensors`` or ``.bin`` (the format DMD2 and the original DisBack release publish;
+for an EDM teacher, with EDM's key names, as DMD2's ImageNet generator), read with ``torch.load(weights_only=True)``,
+or an EDM / EDM2 network snapshot ``.pkl`` (SiD publishes its generators so), read by disback.storage.snapshot; never
+a full unpickle. The network is built on the teacher's architecture, keys and shapes must match exactly, and half-
+precision weights are upcast. Every check runs before anything is written.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def locate(source: Path, role: str) -> tuple[str, Path]:
         for file in (source / RUN_FILES[role], source / "disback" / RUN_FILES[role]):
             if file.is_file():
                 return "disback", file
-        for folder in (source / "unet", source):
+        for folder in (source / "unet", source / "transformer", source):
             if (folder / "config.json").is_file():
                 return "unet-folder", folder
         raise DisbackError(f"{source} holds no network to start from; give {ACCEPTED}")
@@ -144,11 +144,16 @@ def check_unet_config(folder: Path, unet: nn.Module) -> None:
             "num_class_embeds",
             "cross_attention_dim",
             "addition_embed_type",
+            "patch_size",
+            "num_layers",
+            "num_single_layers",
+            "joint_attention_dim",
+            "guidance_embeds",
         )
         if k in config and k in unet.config and config[k] != unet.config[k]
     ]
     if differ:
-        raise DisbackError(f"{folder} is a UNet of another architecture than the teacher's ({'; '.join(differ)})")
+        raise DisbackError(f"{folder} is a network of another architecture than the teacher's ({'; '.join(differ)})")
 
 
 def upcast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
-"""`disback text`: a Stable Diffusion 1.5 or SDXL pipeline's UNet distilled to one step on a prompts file, by the
-same stages as every other teacher: import, stage 1, stage 2 (or the baseline), export."""
+"""`disback text`: a text-to-image pipeline's denoising network (the UNet of Stable Diffusion 1.5 / SDXL, the
+transformer of SD3 / SD3.5 / FLUX.1) distilled to one step (or a few) on a prompts file, by the same stages as every
+other teacher: import, stage 1, stage 2 (or the baseline), export."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,9 @@ from disback.storage.files import write_json
 from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.runfolder import begin_stage
 from disback.text.captions import read_captions
+from disback.text.families import check_guidance, family_of
 from disback.text.measure import LatentClip
-from disback.text.pipeline import PROMPT_TEXTS, check_timesteps, export_text, import_text_teacher
+from disback.text.pipeline import PROMPT_TEXTS, check_flow_settings, check_timesteps, export_text, import_text_teacher
 from disback.text.prompts import load_component, read_prompts
 from disback.text.report import write_text_report
 
@@ -48,19 +52,21 @@ def latent_data(meta: ModelMeta, folder: Path) -> Data:
 
 
 def check_text_starts(cfg: Config, pipeline: str, generator: Path | None, fake: Path | None) -> None:
-    """``--generator`` and ``--fake`` read and, when they are UNet folders or state dicts, checked against the
-    pipeline's UNet (built from its config on the meta device: no weights, no memory) before anything is written or
-    imported. A disback model file is checked against the teacher once it is imported, before any stage runs."""
+    """``--generator`` and ``--fake`` read and, when they are UNet or transformer folders or state dicts, checked
+    against the pipeline's network (built from its config on the meta device: no weights, no memory) before anything
+    is written or imported. A disback model file is checked against the teacher once it is imported, before any
+    stage runs."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from disback.storage.external import fit_unet, read_start
 
     if generator is None and fake is None:
         return
-    config = load_component(UNet2DConditionModel.load_config, pipeline, "unet")
+    family = family_of(pipeline)
+    kind = family.network_type()
+    config = load_component(kind.load_config, pipeline, family.network)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = kind.from_config(config)
     for source, role in ((generator, "generator"), (fake, "denoiser")):
         start = read_start(source, role) if source is not None else None
         if start is not None and start.fmt != "disback":
@@ -87,6 +93,8 @@ def run_text(
     distilled before to start from (the original DisBack's recipe), converted once into ``out``."""
     from diffusers import DDPMScheduler
 
+    family = family_of(pipeline)  # an unknown pipeline class fails here, with the families disback knows
+    check_guidance(family, cfg.text.guidance)
     if isinstance(cfg.distill.sigma_g, list):
         raise DisbackError(
             f"distill.sigma_g={cfg.distill.sigma_g}: a text generator's steps are text.timestep, not noise levels; "
@@ -106,17 +114,22 @@ def run_text(
         )
     check_text_starts(cfg, pipeline, generator, fake)
     scheduler = load_component(DDPMScheduler.load_config, pipeline, "scheduler")
-    check_timesteps(cfg.text.timestep, int(scheduler.get("num_train_timesteps", 1000)))  # before anything is written
+    # before anything is written
+    check_timesteps(family, cfg.text.timestep, int(scheduler.get("num_train_timesteps", 1000)))
+    if family.flow:
+        check_flow_settings(pipeline, family, cfg.text)
     out = Path(out)
     real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
+    begin_stage(cfg, out, resume)  # the run's own config.yaml: the folder is disback's (--overwrite may delete it)
     begin_stage(
         cfg, out / "teacher", resume, {"pipeline": str(pipeline), "prompts": read_prompts(prompts_file), "real": real}
     )
     teacher_file = out / "teacher" / TEACHER
     if is_writer() and not (resume and teacher_file.is_file()):  # one process encodes; the others read its files
-        import_text_teacher(pipeline, prompts_file, cfg.text.timestep, out / "teacher", real_file)
+        import_text_teacher(pipeline, prompts_file, cfg.text, out / "teacher", real_file)
     wait()
     meta = read_meta(teacher_file)
+    cfg = shifted(cfg, meta)
     data = latent_data(meta, teacher_file.parent)
     starts = {
         role: stages.convert_start(cfg, teacher_file, source, role, out)
@@ -149,6 +162,16 @@ def run_text(
         write_text_report(out, run)
     wait()
     return out / "pipeline"
+
+
+def shifted(cfg: Config, meta: ModelMeta) -> Config:
+    """A flow teacher's losses draw ln(sigma) = logit(t) ~ N(edm.p_mean + ln s, edm.p_std^2): the logit-normal
+    centred where the teacher samples, s being its time shift (text.shift, or 0 for the one its scheduler applies at
+    this resolution, recorded at import). The run's config records the shifted p_mean. UNet teachers: unchanged."""
+    if "family" not in meta.spec:
+        return cfg
+    shift = cfg.text.shift or meta.spec["shift"]
+    return replace(cfg, edm=replace(cfg.edm, p_mean=cfg.edm.p_mean + math.log(shift)))
 
 
 def clip_measure(cfg: Config, pipeline: str, teacher_folder: Path) -> LatentClip | None:

@@ -1,10 +1,13 @@
 """The text-to-image networks, and the model kind "text" that rebuilds them from their files.
 
-TextDenoiser  the UNet2DConditionModel as a VP denoiser D(x; sigma, prompt); with ``guidance`` > 1 it returns the
-              guided D_uncond + w (D_cond - D_uncond). The target has guidance (text.guidance, 8 in the original);
-              the fake score and the degrading model have none.
-LCMGenerator  G(z, prompt): the UNet at fixed timesteps (text.timestep: 399, or a list for k steps) from z, computed
-              exactly as diffusers' LCMScheduler samples, so the exported pipeline reproduces the generator.
+TextDenoiser      the UNet2DConditionModel (SD1.5, SDXL) as a VP denoiser D(x; sigma, prompt); with ``guidance`` > 1
+                  it returns the guided D_uncond + w (D_cond - D_uncond). The target has guidance (text.guidance, 8
+                  in the original); the fake score and the degrading model have none.
+FlowTextDenoiser  an SD3 or FLUX.1 transformer as a rectified-flow denoiser, guided the same way (SD3), or given
+                  FLUX.1-dev's embedded guidance value (every network: it is an input of the network, not a mix).
+LCMGenerator      G(z, prompt): the UNet at fixed timesteps (text.timestep: 399, or a list for k steps) from z,
+                  computed exactly as diffusers' LCMScheduler samples, so the exported pipeline reproduces the
+                  generator. A flow teacher's generator is the core's FlowGenerator at t = timestep / 1000.
 """
 
 from __future__ import annotations
@@ -14,18 +17,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from disback.diffusion.denoisers import VPDenoiser
-from disback.diffusion.generator import FewStepGenerator
+from disback.diffusion.denoisers import FlowDenoiser, VPDenoiser
+from disback.diffusion.generator import FewStepGenerator, FlowGenerator
 from disback.errors import DisbackError
 from disback.storage.meta import ModelMeta
+from disback.text.families import FAMILIES
 from disback.text.prompts import Prompts
 
 TIMESTEP_ALPHAS = "timestep_alphas_cumprod"  # a text model's spec: LCMScheduler's abar at each of text.timestep's
 
 
-class TextDenoiser(VPDenoiser):
-    """A UNet2DConditionModel as a VP denoiser whose ``labels`` are prompt indices; classifier-free guided when
-    ``guidance`` > 1."""
+class Guided(nn.Module):
+    """A text denoiser whose ``labels`` are prompt indices (rows of ``prompts``), classifier-free guided when
+    ``guidance`` > 1: D_uncond + w (D_cond - D_uncond), the unconditional input being the table's last row."""
+
+    prompts: Prompts
+    guidance: float
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.guidance <= 1:
+            return super().forward(x, sigma, labels)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        uncond = torch.full_like(_prompts(labels), len(self.prompts))
+        both = super().forward(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, uncond]))
+        cond, free = both.chunk(2)
+        return free + self.guidance * (cond - free)
+
+
+class TextDenoiser(Guided, VPDenoiser):
+    """A UNet2DConditionModel as a VP denoiser whose ``labels`` are prompt indices."""
 
     def __init__(
         self,
@@ -41,14 +61,72 @@ class TextDenoiser(VPDenoiser):
     def call_unet(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.unet(x_t, t, **self.prompts.conditions(_prompts(labels).to(x_t.device), x_t.dtype)).sample
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.guidance <= 1:
-            return super().forward(x, sigma, labels)
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        uncond = torch.full_like(_prompts(labels), len(self.prompts))
-        both = super().forward(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, uncond]))
-        cond, free = both.chunk(2)
-        return free + self.guidance * (cond - free)
+
+class FlowTextDenoiser(Guided, FlowDenoiser):
+    """An SD3 or FLUX.1 transformer as a rectified-flow denoiser whose ``labels`` are prompt indices. It is called
+    as its pipeline calls it: SD3 on the latents with timestep 1000 t; FLUX.1 on the latents packed 2 x 2 into tokens,
+    with their position ids, timestep t and, for dev, the embedded guidance value ``embedded_guidance``."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        family: str,
+        prompts: Prompts,
+        guidance: float = 0.0,
+        embedded_guidance: float = 0.0,
+    ):
+        super().__init__()
+        self.transformer, self.family = transformer, family
+        self.prompts, self.guidance, self.embedded_guidance = prompts, guidance, embedded_guidance
+
+    def call_model(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        family = FAMILIES[self.family]
+        embeds, pooled = self.prompts.rows(_prompts(labels).to(x_t.device), x_t.dtype)
+        timestep = t * family.time_scale
+        if not family.packed:
+            return self.transformer(
+                hidden_states=x_t,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                timestep=timestep,
+                return_dict=False,
+            )[0]
+        n, _, h, w = x_t.shape
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((n,), self.embedded_guidance, dtype=x_t.dtype, device=x_t.device)
+        out = self.transformer(
+            hidden_states=pack(x_t),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=timestep,
+            img_ids=image_ids(h, w, x_t.device, x_t.dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return unpack(out, h, w)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """FLUX.1's tokens: latents (N, C, H, W) as (N, H/2 * W/2, 4C), each token a 2 x 2 patch (FluxPipeline's)."""
+    n, c, h, w = x.shape
+    return x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``pack``'s inverse: tokens (N, H/2 * W/2, 4C) as latents (N, C, H, W)."""
+    n, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """FLUX.1's position ids of the packed tokens of H x W latents: (0, row, column) for each 2 x 2 patch."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
 
 
 def _prompts(labels: torch.Tensor | None) -> torch.Tensor:
@@ -123,14 +201,17 @@ class LCMGenerator(FewStepGenerator):
 
 
 def guide(target: nn.Module, scale: float) -> nn.Module:
-    """Classifier-free guidance at ``scale`` on every text denoiser inside ``target`` (the target score only)."""
+    """Classifier-free guidance at ``scale`` on every text denoiser inside ``target`` (the target score only), for
+    the families guided so; FLUX.1's guidance is embedded in every network at the teacher's import instead."""
     for module in target.modules():
-        if isinstance(module, TextDenoiser):
+        if isinstance(module, TextDenoiser) or (
+            isinstance(module, FlowTextDenoiser) and FAMILIES[module.family].guidance == "cfg"
+        ):
             module.guidance = scale
     return target
 
 
-def rebuild(meta: ModelMeta, folder: Path) -> TextDenoiser:
+def rebuild(meta: ModelMeta, folder: Path) -> TextDenoiser | FlowTextDenoiser:
     """The network a text-to-image model file describes; its prompt table is the file beside the teacher's."""
     from diffusers import UNet2DConditionModel
 
@@ -142,11 +223,19 @@ def rebuild(meta: ModelMeta, folder: Path) -> TextDenoiser:
             f"{spec['prompts_path']} is missing: a text-to-image model needs the prompt table that "
             "`disback text` wrote beside its teacher"
         )
+    prompts = Prompts.load(table)
+    if "family" in spec:  # a flow transformer (SD1.5 and SDXL files predate the key)
+        network = FAMILIES[spec["family"]].network_type().from_config(spec["network_config"])
+        return FlowTextDenoiser(network, spec["family"], prompts, embedded_guidance=spec["embedded_guidance"])
     unet = UNet2DConditionModel.from_config(spec["unet_config"])
     # the schedule is a buffer, loaded with the weights
-    return TextDenoiser(unet, torch.full((spec["num_timesteps"],), 0.5), spec["prediction_type"], Prompts.load(table))
+    return TextDenoiser(unet, torch.full((spec["num_timesteps"],), 0.5), spec["prediction_type"], prompts)
 
 
-def generator(denoiser: TextDenoiser, meta: ModelMeta, sigma_g: float | list[float]) -> LCMGenerator:
-    """A text denoiser's generator runs at the fixed timesteps of its file (text.timestep), not at sigma_g."""
-    return LCMGenerator(denoiser, meta.spec["timestep"], meta.spec.get(TIMESTEP_ALPHAS))
+def generator(denoiser: nn.Module, meta: ModelMeta, sigma_g: float | list[float]) -> FewStepGenerator:
+    """A text denoiser's generator runs at the fixed timesteps of its file (text.timestep), not at sigma_g: LCM's
+    for a UNet, flow times timestep / 1000 for a transformer."""
+    timesteps = meta.spec["timestep"]
+    if isinstance(denoiser, FlowTextDenoiser):
+        return FlowGenerator(denoiser, [t / 1000 for t in (timesteps if isinstance(timesteps, list) else [timesteps])])
+    return LCMGenerator(denoiser, timesteps, meta.spec.get(TIMESTEP_ALPHAS))

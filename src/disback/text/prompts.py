@@ -1,6 +1,7 @@
 """Prompts: read from a file, encoded once with the pipeline's text encoder(s) into a table (``prompts.safetensors``),
 after which a prompt is an index into the table. The table's last row is classifier-free guidance's unconditional
-input: the empty prompt for SD1.5, zeros for SDXL (as its pipeline does)."""
+input: the empty prompt for SD1.5 and SD3, zeros for SDXL (as their pipelines do); FLUX.1, which has no
+classifier-free guidance, keeps the empty prompt's row too, unused."""
 
 from __future__ import annotations
 
@@ -57,14 +58,20 @@ class Prompts:
         self.time_ids = None if self.time_ids is None else self.time_ids.to(device)
         return self
 
-    def conditions(self, index: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
-        """The UNet's keyword arguments for prompts ``index``; the table moves to their device once (it is shared)."""
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embeddings and pooled embeddings of prompts ``index``; the table moves to their device once (it is
+        shared)."""
         if self.embeds.device != index.device:
             self.to(index.device)
-        out: dict[str, Any] = {"encoder_hidden_states": self.embeds[index].to(dtype)}
-        if self.pooled is not None:  # SDXL's added conditions
+        return self.embeds[index].to(dtype), None if self.pooled is None else self.pooled[index].to(dtype)
+
+    def conditions(self, index: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        """The UNet's keyword arguments for prompts ``index``."""
+        embeds, pooled = self.rows(index, dtype)
+        out: dict[str, Any] = {"encoder_hidden_states": embeds}
+        if pooled is not None:  # SDXL's added conditions
             out["added_cond_kwargs"] = {
-                "text_embeds": self.pooled[index].to(dtype),
+                "text_embeds": pooled,
                 "time_ids": self.time_ids.to(dtype).expand(len(index), -1),
             }
         return out
@@ -100,6 +107,45 @@ def encode_prompts(pipeline: str, prompts: list[str], resolution: int, xl: bool)
     )  # SDXL pipelines give zeros for an empty negative prompt (force_zeros_for_empty_prompt)
     time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
     return {"embeds": embeds, "pooled": pooled, "time_ids": time_ids}
+
+
+@torch.no_grad()
+def encode_flow_prompts(pipeline: str, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+    """The table's tensors for SD3 or FLUX.1, from the pipeline's own ``encode_prompt`` (SD3: both CLIPs' penultimate
+    states and T5's, side by side and in sequence, and both pooled outputs; FLUX.1: T5's states and CLIP's pooled
+    output), the empty prompt last. Only the text encoders are loaded, on a GPU when there is one, and freed after."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(pipeline, transformer=None, vae=None)
+    except (OSError, ValueError) as exc:
+        raise DisbackError(
+            f"cannot load the text encoders of '{pipeline}': {str(exc).splitlines()[0]}; give an SD3 or FLUX.1 "
+            "pipeline folder or hub id"
+        ) from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    embeds, pooled = [], []
+    for start in range(0, len(prompts) + 1, 64):  # a chunk at a time: T5's states of many prompts are large
+        texts = (prompts + [""])[start : start + 64]
+        if hasattr(pipe, "text_encoder_3"):  # SD3
+            out = pipe.encode_prompt(
+                texts,
+                None,
+                None,
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
+            )
+            embed, pool = out[0], out[2]
+        else:
+            embed, pool, _ = pipe.encode_prompt(texts, None, device=device, max_sequence_length=max_sequence_length)
+        embeds.append(embed.float().cpu())
+        pooled.append(pool.float().cpu())
+    del pipe
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"embeds": torch.cat(embeds), "pooled": torch.cat(pooled)}
 
 
 def _encode(

@@ -47,8 +47,9 @@ def write_text_report(out: Path, run: Path) -> Path:
         else ""
     )
     distance = f"{fmt(far['path_distance'])}" if far and far.get("path_distance") is not None else "no path"
-    timestep = read_meta(run / "generator.safetensors").spec["timestep"]
-    generator = generator_line(timestep, (run / LORA_GENERATOR).is_file())
+    spec = read_meta(run / "generator.safetensors").spec
+    timestep = spec["timestep"]
+    generator = generator_line(timestep, (run / LORA_GENERATOR).is_file(), "family" in spec)
     text = f"""# disback text: `{out}`
 
 {generator}
@@ -72,12 +73,14 @@ The {steps_name(timestep)} pipeline is in `pipeline/` (see its DISBACK.md for th
     return out / "report.md"
 
 
-def generator_line(timestep: int | list[int], lora: bool) -> str:
+def generator_line(timestep: int | list[int], lora: bool, flow: bool = False) -> str:
     """How many steps the generator takes, at which timesteps, and whether it was trained as LoRA adapters."""
     steps = steps_of(timestep)
+    scheduler = "FlowMatchEulerDiscreteScheduler's stochastic sampling" if flow else "LCMScheduler"
     what = (
         f"The generator takes one step, at timestep {steps[0]}"
         if len(steps) == 1
-        else f"The generator takes {len(steps)} steps, at timesteps {steps} (re-noised between steps, as LCMScheduler does)"
+        else f"The generator takes {len(steps)} steps, at timesteps {steps} (re-noised between steps, as {scheduler} does)"
     )
-    return what + (", trained as LoRA adapters on the teacher's UNet." if lora else ".")
+    network = "transformer" if flow else "UNet"
+    return what + (f", trained as LoRA adapters on the teacher's {network}." if lora else ".")
