@@ -283,3 +283,37 @@ def test_the_time_shift_is_the_schedulers_static_or_resolution_dependent_one():
         dynamic.set_timesteps(sigmas=[0.5], mu=mu)
         s = flow_shift(dict(dynamic.config), tokens)
         assert float(dynamic.sigmas[0]) == pytest.approx(s * 0.5 / (1 + (s - 1) * 0.5), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_flow_student_starts_from_a_transformer_folder_or_state_dict_and_is_measured_by_clip(tmp_path, capsys):
+    """--generator takes a transformer (a pipeline folder, or its state dict in fp16 as DMD2 publishes UNets); one of
+    another family is refused in one line; the in-loop CLIP score and `disback eval` read the flow latents."""
+    from safetensors.torch import load_file
+
+    from test_text import build_clip
+
+    sd3, flux = build_sd3(tmp_path, width=24), build_flux(tmp_path, dev=False)
+    prompts, clip = prompts_file(tmp_path), build_clip(tmp_path)
+    weights = load_file(str(sd3 / "transformer" / "diffusion_pytorch_model.safetensors"))
+    torch.manual_seed(1)
+    student = {k: (v + 0.01 * torch.randn_like(v)).half() for k, v in weights.items()}  # not the teacher
+    torch.save(student, tmp_path / "student.bin")
+    common = ["--prompts", str(prompts), *settings("degrade.steps=8", f"eval.clip={clip}"), "--quiet"]
+
+    err = refused(capsys, ["--pretrained", str(sd3), "--out", str(tmp_path / "no"), "--generator", str(flux), *common])
+    assert "FluxTransformer2DModel" in err and "SD3Transformer2DModel" in err and not (tmp_path / "no").exists()
+    for source, out in ((sd3, tmp_path / "folder"), (tmp_path / "student.bin", tmp_path / "bin")):
+        assert main(["text", "--pretrained", str(sd3), "--out", str(out), "--generator", str(source), *common]) == 0
+        records = [json.loads(line) for line in (out / "disback" / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["clip_score"]) for r in records)
+    converted = load_file(str(tmp_path / "bin" / "initial-generator.safetensors"))
+    prefix = "denoiser.transformer."
+    assert all(torch.equal(converted[prefix + k], v.float()) for k, v in student.items())
+
+    capsys.readouterr()
+    folder = tmp_path / "bin" / "pipeline"
+    args = ["eval", str(folder), "--n", "4", "--batch", "2", "--prompts", str(prompts), "--clip", str(clip), "--quiet"]
+    assert main(args) == 0
+    record = json.loads((folder / "eval.json").read_text())
+    assert record["measure"] == "clip_score" and record["n"] == 4 and math.isfinite(record["value"])

@@ -21,9 +21,9 @@ from disback.method.mismatch import score_mismatch
 from disback.method.path import DegradationPath
 from disback.stages.common import check_data_matches, eval_noise, in_batches, load_teacher
 from disback.stages.runtime import accelerator
-from disback.storage.external import Start, load_start, read_start
+from disback.storage.external import Start, load_start, made_for, read_start
 from disback.storage.kinds import kind_of
-from disback.storage.meta import ModelMeta
+from disback.storage.meta import ModelMeta, read_meta
 from disback.storage.models import generator_from_teacher, save_model
 from disback.storage.nvlabs import import_snapshot, is_snapshot
 
@@ -108,13 +108,14 @@ def convert_start(cfg: Config, teacher_file: Path, source: Path, role: str, out:
     """A network to start from as a disback model file: converted once into ``out`` (for a job whose stages all start
     from it), or the disback file given, which the stages check when they load it."""
     start = read_start(source, role)
-    if start.fmt == "disback":
+    rank = cfg.network.lora_rank if role == "denoiser" else 0
+    if start.fmt == "disback":  # checked against the teacher now, before any stage; loaded by the stages
+        made_for(start, read_meta(teacher_file), sigma_g=cfg.distill.sigma_g, lora_rank=rank)
         return start.file
     teacher, meta = load_teacher(teacher_file)
     network = (
         generator_from_teacher(teacher, meta, cfg.distill.sigma_g) if role == "generator" else copy.deepcopy(teacher)
     )
-    rank = cfg.network.lora_rank if role == "denoiser" else 0
     save_model(
         network,
         Path(out) / INITIAL[role],

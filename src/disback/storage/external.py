@@ -135,6 +135,11 @@ def unet_of(network: nn.Module, where: Path) -> nn.Module:
 def check_unet_config(folder: Path, unet: nn.Module) -> None:
     """A diffusers UNet folder's config against the teacher's UNet: the sizes that weights alone do not show."""
     config = json.loads((folder / "config.json").read_text())
+    kind = config.get("_class_name")
+    if kind and kind != type(unet).__name__:
+        raise DisbackError(
+            f"{folder} is a {kind}, and the teacher's network is a {type(unet).__name__}; give one of those"
+        )
     differ = [
         f"{k}: {config[k]!r} here, {unet.config[k]!r} for the teacher"
         for k in (
@@ -216,15 +221,23 @@ def load_start(
     """Load ``start`` into ``network`` (a generator or a fake score built on the teacher) after checking that it was made
     for this teacher and these settings; returns the description of the loaded network, its origin included. With
     ``check_only``, every check runs and nothing is copied."""
-    wanted = teacher_meta.as_generator(sigma_g) if start.role == "generator" else teacher_meta.as_adapters(lora_rank)
+    wanted = made_for(start, teacher_meta, sigma_g=sigma_g, lora_rank=lora_rank)
     if start.fmt == "disback":
-        _check_same_teacher(start, wanted)
         (check_state if check_only else load_state)(network, start.state, start.file)
     elif teacher_meta.kind == "nvlabs":
         fit_edm(network, start, lora_rank=lora_rank, check_only=check_only)
     else:
         fit_unet(unet_of(network, start.file), start, sigma_g=sigma_g, lora_rank=lora_rank, check_only=check_only)
     return replace(wanted, origin=start.origin)
+
+
+def made_for(start: Start, teacher_meta: ModelMeta, *, sigma_g: float, lora_rank: int = 0) -> ModelMeta:
+    """The description ``start`` must have to start this run's ``start.role`` on this teacher; a disback file's own
+    description is checked against it here (kind, shape, classes, sigma_g, LoRA rank), from metadata alone."""
+    wanted = teacher_meta.as_generator(sigma_g) if start.role == "generator" else teacher_meta.as_adapters(lora_rank)
+    if start.fmt == "disback":
+        _check_same_teacher(start, wanted)
+    return wanted
 
 
 def fit_edm(network: nn.Module, start: Start, *, lora_rank: int = 0, check_only: bool = False) -> None:
