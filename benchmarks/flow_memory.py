@@ -266,7 +266,8 @@ def table(results: dict) -> str:
         act = r["activations_GiB_per_sample"]
         states = " | ".join(f"{v:.0f}" for v in r["states_GiB"].values())
         lines.append(
-            f"| {name} | {r['parameters'] / 1e9:.2f} B ({r['adapter_parameters'] / 1e6:.0f} M) | {act['plain']:.1f} / {act['checkpointed']:.2f} | {states} |"
+            f"| {name} | {r['parameters'] / 1e9:.2f} B ({r['adapter_parameters'] / 1e6:.0f} M) | "
+            f"{act['plain']:.1f} / {act['checkpointed']:.2f} | {states} |"
         )
     coeff = results["coefficients_bytes_per_token_width_block_fp32"]
     lines.append("")

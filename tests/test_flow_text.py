@@ -317,3 +317,14 @@ def test_a_flow_student_starts_from_a_transformer_folder_or_state_dict_and_is_me
     assert main(args) == 0
     record = json.loads((folder / "eval.json").read_text())
     assert record["measure"] == "clip_score" and record["n"] == 4 and math.isfinite(record["value"])
+
+
+def test_a_text_teacher_refuses_a_list_of_noise_levels_for_its_generator():
+    """`disback distill` on a text teacher: the generator's steps are text.timestep, so a sigma_g list is refused."""
+    from disback.errors import DisbackError
+    from disback.storage.meta import ModelMeta
+    from disback.text.networks import generator
+
+    meta = ModelMeta(role="denoiser", kind="text", shape=[4, 8, 8], normaliser={}, spec={"timestep": 1000})
+    with pytest.raises(DisbackError, match="text.timestep"):
+        generator(None, meta, [2.0, 1.0])

@@ -235,6 +235,11 @@ def rebuild(meta: ModelMeta, folder: Path) -> TextDenoiser | FlowTextDenoiser:
 def generator(denoiser: nn.Module, meta: ModelMeta, sigma_g: float | list[float]) -> FewStepGenerator:
     """A text denoiser's generator runs at the fixed timesteps of its file (text.timestep), not at sigma_g: LCM's
     for a UNet, flow times timestep / 1000 for a transformer."""
+    if isinstance(sigma_g, (list, tuple)):
+        raise DisbackError(
+            f"distill.sigma_g={list(sigma_g)}: a text generator's steps are text.timestep, fixed when its teacher was "
+            "imported; leave distill.sigma_g a number and run `disback text` with --set text.timestep=[...]"
+        )
     timesteps = meta.spec["timestep"]
     if isinstance(denoiser, FlowTextDenoiser):
         return FlowGenerator(denoiser, [t / 1000 for t in (timesteps if isinstance(timesteps, list) else [timesteps])])
