@@ -1,15 +1,17 @@
-"""Stable Diffusion 1.5 and SDXL at their published sizes, without downloads: pipelines built from the configs in
-benchmarks/configs/ (random weights, a stand-in tokenizer), timed one-step sampling of a `disback text` export against
-the base pipeline, and a summary of a `disback text` run folder.
+"""Stable Diffusion 1.5, SDXL, SD3.5-medium and FLUX.1-dev at their published sizes, without downloads: pipelines built
+from the configs in benchmarks/configs/ (random weights, stand-in tokenizers), timed one-step sampling of a `disback
+text` export against the base pipeline, and a summary of a `disback text` run folder.
 
     python benchmarks/real_size.py build sdxl --out /tmp/sdxl-pipe                  # on a GPU: fp16, about 7 GB
+    python benchmarks/real_size.py build flux-dev --out /tmp/flux-pipe              # fp16, about 34 GB (T5-XXL: 9.5)
     python benchmarks/real_size.py build sd15 --out /tmp/pipe --tiny --device cpu    # small widths, for a CPU
     python benchmarks/real_size.py sample --base /tmp/sdxl-pipe --export runs/sdxl/pipeline --batch 4 --results r.jsonl
     python benchmarks/real_size.py ceilings                # the card's bf16 matrix rate and copy bandwidth
     python benchmarks/real_size.py summary runs/sdxl --started 1733300000 --results r.jsonl
 
-benchmarks/gpu_real.sh runs all three on the lent GPU. The tokenizer is a character-level CLIPTokenizer (the real
-vocabulary is a download): prompts encode to other token ids, which changes no shape and no cost.
+benchmarks/gpu_real.sh runs all three on the lent GPU. The tokenizers are character-level stand-ins (a CLIPTokenizer, and
+a fast T5-style one; the real vocabularies are downloads): prompts encode to other token ids, which changes no shape
+and no cost.
 """
 
 from __future__ import annotations
@@ -23,30 +25,65 @@ import torch
 import yaml
 
 CONFIGS = Path(__file__).parent / "configs"
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}  # the base pipelines' default guidance scales
+PIPELINES = {
+    "sd15": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd35m": "StableDiffusion3Pipeline",
+    "flux-dev": "FluxPipeline",
+}
+GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "sd35m": 7.0, "flux-dev": 3.5}  # the base pipelines' default guidance scales
 # --tiny: the same architectures at widths a CPU runs in seconds (for checking this script, not for timing)
 TINY = {
-    "unet": {"block_out_channels": [32, 64, 64], "attention_head_dim": 4, "norm_num_groups": 8, "sample_size": 16},
-    "vae": {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 8, "sample_size": 128},
-    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "UNet2DConditionModel": {
+        "block_out_channels": [32, 64, 64],
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+        "sample_size": 16,
+    },
+    "AutoencoderKL": {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 8, "sample_size": 128},
+    "CLIPTextModel": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "T5EncoderModel": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "num_layers": 2},
+    "SD3Transformer2DModel": {
+        "num_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "caption_projection_dim": 32,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 64,  # both stand-in CLIPs' projections
+        "dual_attention_layers": [0],
+        "pos_embed_max_size": 32,
+        "sample_size": 16,
+    },
+    "FluxTransformer2DModel": {
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "axes_dims_rope": [4, 4, 8],
+    },
 }
+TINY["CLIPTextModelWithProjection"] = {**TINY["CLIPTextModel"], "projection_dim": 32}
+TOKENIZER = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
 
-def configs(family: str, tiny: bool) -> dict[str, dict]:
-    """Each component's published config (benchmarks/configs/FAMILY/*.json), shrunk with --tiny."""
+def configs(family: str, tiny: bool) -> dict[str, tuple[str, dict]]:
+    """Each component's class and published config (benchmarks/configs/FAMILY/*.json), shrunk with --tiny."""
     out = {}
     for file in sorted((CONFIGS / family).glob("*.json")):
-        config = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
+        raw = json.loads(file.read_text())
+        config = {k: v for k, v in raw.items() if not k.startswith("_")}
         if tiny:
-            config.update(TINY.get(file.stem.rstrip("_2"), {}))
-        out[file.stem] = config
+            config.update(TINY.get(raw["_class_name"], {}))
+        out[file.stem] = (raw["_class_name"], config)
     if tiny and family == "sd15":
-        out["unet"].update(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32)
+        out["unet"][1].update(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32)
     if tiny and family == "sdxl":  # SDXL's UNet reads both encoders' widths and the pooled projection
-        out["unet"].update(attention_head_dim=[2, 4, 4], cross_attention_dim=64, transformer_layers_per_block=[1, 1, 2])
-        out["unet"].update(addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-        out["text_encoder_2"].update(projection_dim=32)
+        out["unet"][1].update(
+            attention_head_dim=[2, 4, 4], cross_attention_dim=64, transformer_layers_per_block=[1, 1, 2]
+        )
+        out["unet"][1].update(addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
     return out
 
 
@@ -62,33 +99,46 @@ def stand_in_tokenizer(folder: Path, max_length: int):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
-def text_encoder(config: dict, tokenizer, projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def stand_in_t5_tokenizer(max_length: int = 512):
+    """A fast T5-style tokenizer over single characters (pad 0, eos 1, unk 2), ending every text with </s>."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}  # the stand-in tokenizer's
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return cls(CLIPTextConfig(**{**config, **ids}))
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *"abcdefghijklmnopqrstuvwxyz0123456789 "])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def text_encoder(cls_name: str, config: dict):
+    import transformers
+
+    if cls_name == "T5EncoderModel":
+        ids = {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}  # the stand-in tokenizer's
+        return transformers.T5EncoderModel(transformers.T5Config(**{**config, **ids}))
+    ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    return getattr(transformers, cls_name)(transformers.CLIPTextConfig(**{**config, **ids}))
 
 
 def build(family: str, out: Path, device: str, tiny: bool) -> dict:
     """The pipeline at its published shapes with random weights, built on ``device`` and saved in fp16 (fp32 with
     --tiny, as a CPU computes)."""
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     start = time.perf_counter()
-    c = configs(family, tiny)
     torch.manual_seed(0)
-    tokenizer = stand_in_tokenizer(out.parent / f".{out.name}-tokenizer", 77)
+    clip = stand_in_tokenizer(out.parent / f".{out.name}-tokenizer", 77)
+    parts = {}
     with torch.device(device):
-        parts = {
-            "unet": UNet2DConditionModel.from_config(c["unet"]),
-            "vae": AutoencoderKL.from_config(c["vae"]),
-            "text_encoder": text_encoder(c["text_encoder"], tokenizer, False),
-            "tokenizer": tokenizer,
-        }
-        if family == "sdxl":
-            parts.update(text_encoder_2=text_encoder(c["text_encoder_2"], tokenizer, True), tokenizer_2=tokenizer)
+        for name, (cls_name, config) in configs(family, tiny).items():
+            if name in TOKENIZER:
+                parts[name] = text_encoder(cls_name, config)
+                parts[TOKENIZER[name]] = stand_in_t5_tokenizer() if cls_name == "T5EncoderModel" else clip
+            elif name != "scheduler":
+                parts[name] = getattr(diffusers, cls_name).from_config(config)
     scheduler_config = json.loads((CONFIGS / family / "scheduler.json").read_text())
     parts["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -121,24 +171,28 @@ def sync() -> None:
 
 
 def sample(base: Path, export: Path, batch: int, steps: int, repeats: int, device: str) -> dict:
-    """Seconds per batch (VAE decode included) of the export's one-step sampling against the base pipeline's
-    ``steps``-step sampling with classifier-free guidance, both in fp16 on a GPU, after one warm-up call each."""
+    """Seconds per batch (VAE decode included) of the export's one-step sampling (the call its disback.json records)
+    against the base pipeline's ``steps``-step sampling with its default guidance, both in fp16 on a GPU, after one
+    warm-up call each."""
     from diffusers import DiffusionPipeline
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    timestep = json.loads((export / "disback.json").read_text())["timestep"]
+    record = json.loads((export / "disback.json").read_text())
+    timestep = record["timestep"]
     ts = list(timestep) if isinstance(timestep, list) else [timestep]  # a k-step generator's timesteps
+    call = record.get("call") or {"num_inference_steps": len(ts), "guidance_scale": 0.0, "timesteps": ts}
     prompts = ["a photograph of an astronaut riding a horse"] * batch
-    family = "sdxl" if (base / "text_encoder_2").is_dir() else "sd15"
+    kind = json.loads((base / "model_index.json").read_text())["_class_name"]
+    family = next(f for f, name in PIPELINES.items() if name == kind)
+    size = {k: call[k] for k in ("height", "width", "max_sequence_length") if k in call}  # flow pipelines
     out = {"part": "sampling", "family": family, "batch": batch, "device": device}
     for name, folder, kwargs in (
-        ("one_step", export, {"num_inference_steps": len(ts), "guidance_scale": 0.0, "timesteps": ts}),
-        ("base", base, {"num_inference_steps": steps, "guidance_scale": GUIDANCE[family]}),
+        ("one_step", export, call),
+        ("base", base, {"num_inference_steps": steps, "guidance_scale": GUIDANCE[family], **size}),
     ):
         pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         warm = {**kwargs, "num_inference_steps": 1} if name == "base" else kwargs
-        warm = {k: v for k, v in warm.items() if k != "timesteps"} if name == "base" else warm
         pipe(prompts, output_type="np", **warm)  # cuDNN's search, allocator
         times = []
         for _ in range(repeats):
@@ -148,7 +202,8 @@ def sample(base: Path, export: Path, batch: int, steps: int, repeats: int, devic
             sync()
             times.append(time.perf_counter() - t)
         out[f"{name}_s"] = round(min(times), 3)
-        out[f"{name}_resolution"] = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        network = getattr(pipe, "unet", None)
+        out[f"{name}_resolution"] = size.get("height") or network.config.sample_size * pipe.vae_scale_factor
         del pipe
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
