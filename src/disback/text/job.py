@@ -21,7 +21,7 @@ from disback.stages.common import TEACHER
 from disback.stages.runtime import accelerator, sharded
 from disback.storage.files import write_json
 from disback.storage.meta import ModelMeta, read_meta
-from disback.storage.runfolder import begin_stage
+from disback.storage.runfolder import begin_stage, write_config
 from disback.text.captions import read_captions
 from disback.text.families import check_guidance, family_of
 from disback.text.measure import LatentClip
@@ -120,6 +120,9 @@ def run_text(
         check_flow_settings(pipeline, family, cfg.text)
     out = Path(out)
     real = [(str(image), caption) for image, caption in read_captions(real_file)] if real_file else []
+    if resume and is_writer() and (out / "teacher" / "config.yaml").is_file() and not (out / "config.yaml").is_file():
+        write_config(cfg, out)  # a run begun before the run folder had a config of its own
+    wait()
     begin_stage(cfg, out, resume)  # the run's own config.yaml: the folder is disback's (--overwrite may delete it)
     begin_stage(
         cfg, out / "teacher", resume, {"pipeline": str(pipeline), "prompts": read_prompts(prompts_file), "real": real}
