@@ -114,12 +114,15 @@ def test_demo_on_a_users_points_as_a_real_process(tmp_path):
         (["--set", "distill.stpes=10"], "did you mean 'distill.steps'"),
         (["--set", "distill.steps"], "KEY=VALUE"),
         (["--preset", "nope"], "unknown preset"),
+        # distance spacing that cannot place its nodes: refused before the teacher trains, not after
+        (["--set", "degrade.steps=4"], "distinct probe steps"),
     ],
 )
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, capsys, args, message):
     assert main(["demo", "--out", str(tmp_path / "x"), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_data_files_from_the_command_line(tmp_path, capsys):

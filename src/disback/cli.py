@@ -262,7 +262,14 @@ def run(argv: list[str] | None = None) -> int:
         raise DisbackError("--resume continues a run and --overwrite deletes it: give one of them")
 
     def settled(cfg: Config, teacher: Path | None = None) -> None:
-        """--overwrite deletes the old run only once the new settings (and the inputs they name) have been checked."""
+        """--overwrite deletes the old run only once the new settings (and the inputs they name) have been checked;
+        a job with a stage 1 checks that its distance spacing can place its nodes before anything runs."""
+        stage1 = args.command in ("demo", "degrade") or (args.command == "text" and args.backtrack)
+        if stage1 and cfg.degrade.spacing == "distance":
+            from disback.method.recording import check_probes
+
+            d = cfg.degrade
+            check_probes(d.steps, d.probes, d.nodes, d.plateau)
         out = Path(args.out)
         if getattr(args, "overwrite", False) and out.is_dir() and any(out.iterdir()):
             generator, fake = getattr(args, "generator", None), getattr(args, "fake", None)

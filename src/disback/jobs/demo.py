@@ -54,8 +54,8 @@ def run_demo(
     out = Path(out)
     sharded(cfg, accelerator(cfg.run.precision))  # a launch that cannot shard fails before the teacher is trained
     stages.check_starts(cfg, teacher, generator, fake)  # against the teacher when it was made before
+    data = load_data(cfg.data, cfg.seed)  # a data name or file that does not load fails before anything is written
     prepare_out(cfg, out, resume)
-    data = load_data(cfg.data, cfg.seed)
     save_array(out / "reference.npy", data.reference[: cfg.data.n_eval])  # the report's "data" panel
     measure = metrics_for(cfg, data)
     if teacher is not None:

@@ -65,6 +65,19 @@ def probe_steps(steps: int, probes: int) -> list[int]:
     return sorted({max(1, round(steps ** (j / max(probes - 1, 1)))) for j in range(probes)} | {steps})
 
 
+def check_probes(steps: int, probes: int, nodes: int, plateau: float) -> set[int]:
+    """The stage-1 steps at which distance spacing measures (degrade.probes, 0 = 16 per node), if there are enough
+    of them to place ``nodes`` nodes (twice as many with the plateau stop, which compares with half-way)."""
+    at = set(probe_steps(steps, probes or 16 * nodes))
+    needed = 2 * nodes if plateau else nodes
+    if len(at) < needed:
+        raise DisbackError(
+            f"distance spacing needs at least {needed} distinct probe steps, and degrade.probes={probes} "
+            f"over {steps} stage-1 steps gives {len(at)}; raise degrade.probes (0 = 16 per node) or degrade.steps"
+        )
+    return at
+
+
 def node_steps(spacing: str, steps: int, nodes: int) -> list[int]:
     """Stage-1 steps of nodes 1..N for the step-based spacings; the last one is the length of stage 1."""
     if spacing == "steps":
@@ -115,14 +128,7 @@ class DistanceRecorder:
     ):
         self.path, self.model, self.nodes, self.meta, self.probe = path, model, nodes, meta, probe
         self.plateau = plateau
-        self.at = set(probe_steps(steps, probes or 16 * nodes))
-        needed = 2 * nodes if plateau else nodes  # the plateau test compares with the distance at half the steps
-        if len(self.at) < needed:
-            raise DisbackError(
-                f"distance spacing needs at least {needed} distinct probe steps, and degrade.probes={probes} "
-                f"over {steps} stage-1 steps gives {len(self.at)}; raise degrade.probes (0 = 16 per node) "
-                "or degrade.steps"
-            )
+        self.at = check_probes(steps, probes, nodes, plateau)
         self.capacity = max(candidates * nodes, nodes) + 1
         self.candidates: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # (step, distance, CPU weights)
         self.probed: list[tuple[int, float]] = []  # every measurement, thinned or not: the plateau test reads it
