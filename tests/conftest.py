@@ -90,14 +90,19 @@ def tiny_teacher(tmp_path_factory) -> tuple[Path, object]:
     return stages.train_teacher(cfg, data, out, show_progress=False), cfg
 
 
-def in_fresh_process(code: str, *args, timeout: int = 300) -> str:
-    """``python -c code args...`` in a new process (plain diffusers, no state of this one); its stdout, once it has
-    exited cleanly (else the assertion shows its stderr)."""
+def in_fresh_process(code: str, *args, timeout: int = 300, cwd: Path | None = None) -> str:
+    """``python -c code args...`` in a new process (plain diffusers, offline, no state of this one); its stdout, once
+    it has exited cleanly (else the assertion shows its stderr)."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

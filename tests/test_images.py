@@ -5,9 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import in_fresh_process
 from disback.cli import main
 from disback.config import build_config
 from disback.data import load_data
@@ -289,15 +287,7 @@ def test_digits_demo_export_and_load_in_a_fresh_process(tmp_path, capsys, classe
         "pil = pipe(batch_size=2, generator=torch.Generator().manual_seed(0)).images\n"
         "assert len(pil) == 2 and pil[0].size == (8, 8)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_fresh_process(script, cwd=tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected.numpy(), atol=1e-5)
     # Exporting over a non-empty folder is refused.
     assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 2
@@ -394,15 +384,7 @@ def test_a_two_step_digits_run_exported_samples_in_plain_diffusers_as_disback_do
         f"b = pipe(batch_size=4, noise=z, generator=draws, output_type='pt', class_labels={labels}).images\n"
         f"np.save({str(tmp_path / 'images.npy')!r}, torch.stack([a, b]).numpy())\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_fresh_process(script, cwd=tmp_path)
     images = np.load(tmp_path / "images.npy")
     np.testing.assert_allclose(images[0], expected[0], atol=1e-5)
     np.testing.assert_allclose(images[1], expected[1], atol=1e-5)

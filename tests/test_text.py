@@ -334,7 +334,7 @@ for seed in range(3):
     out["lora"].append(most(sample(base_pipe, seed, prompt="a red square"), merged[seed]))
 # DMD2's 4-step snippet, unchanged but for the model, the file, the device and the dtype
 unet = UNet2DConditionModel.from_config(base, subfolder="unet")
-unet.load_state_dict(torch.load(export + "/disback_unet_fp16.bin", map_location="cpu"))
+unet.load_state_dict(torch.load(export + "/disback_unet_fp16.bin", map_location="cpu", weights_only=True))
 pipe = DiffusionPipeline.from_pretrained(base, unet=unet)
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 image = pipe(prompt="a red square", num_inference_steps=4, guidance_scale=0, timesteps=[999, 749, 499, 249]).images[0]
@@ -551,7 +551,7 @@ import sys, torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel, LCMScheduler
 base_model_id, ckpt = sys.argv[1], sys.argv[2]
 unet = UNet2DConditionModel.from_config(base_model_id, subfolder="unet")
-unet.load_state_dict(torch.load(ckpt, map_location="cpu"))
+unet.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
 pipe = DiffusionPipeline.from_pretrained(base_model_id, unet=unet)
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 prompt = "a red square"

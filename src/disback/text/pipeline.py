@@ -342,7 +342,7 @@ def readme(out: Path, meta: ModelMeta, lora: bool) -> str:
             f"\nThe UNet alone is `{UNET_BIN}` (fp16), which DMD2's snippet loads into the base pipeline:\n\n"
             "```python\nimport torch\nfrom diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel\n\n"
             f"unet = UNet2DConditionModel.from_config('{meta.source}', subfolder='unet')\n"
-            f"unet.load_state_dict(torch.load('{Path(out) / UNET_BIN}'))\n"
+            f"unet.load_state_dict(torch.load('{Path(out) / UNET_BIN}', weights_only=True))\n"
             f"pipe = DiffusionPipeline.from_pretrained('{meta.source}', unet=unet)\n"
             "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
             f"image = {pipe_call(call)}\n```\n"
